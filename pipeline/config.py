@@ -1,0 +1,263 @@
+"""Experiment configuration: a typed schema, YAML inheritance and key=value overrides.
+
+A config file may name a parent with `base: other.yaml` (relative to its own
+folder) and overrides only what changes. Everything is checked against the
+dataclass schema before any work starts: an unknown key, a wrong type or an
+impossible value raises `ConfigError` with one line naming the key, what is
+allowed and, for typos, the closest valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, explained in one line."""
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # folder holding dataset.json; None builds the shapes default
+    shapes_dir: str = "data/shapes"  # where the shapes default is built on first use
+    batch_size: int = 128  # per device
+    eval_batch_size: int = 256
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    steps_per_epoch: Optional[int] = None  # None: one pass over the training images across all ranks
+    image_size: int = 64
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    max_text_len: int = 48  # shapes captions reach 36 tokens; truncation would drop objects
+    tokenizer: Optional[str] = None  # None: tokenizer.json of the dataset; else a hub name or local path
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "cnn"  # image: cnn | a transformers vision model; text: tiny_bert | a transformers text model
+    width: int = 128  # cnn channels of the last stage / tiny_bert hidden size
+    layers: int = 2  # tiny_bert layers
+    heads: int = 2  # tiny_bert attention heads
+    pooling: str = "cls"  # text: cls | mean
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "hash"  # hash | fine_grained
+    image_encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    text_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="tiny_bert"))
+    embed_dim: int = 256  # fine-grained embedding size
+    bits: int = 64  # hash code length
+    head_hidden: int = 512  # hidden width of the hash / embedding MLP heads
+
+
+@dataclass
+class HashConfig:
+    """UCCH (Hu et al., TPAMI 2022); defaults from the paper, see shared/research/methods.md."""
+
+    alpha: float = 0.7  # weight of the contrastive (memory-bank) loss vs the cross-modal ranking loss
+    tau: float = 0.9  # temperature of the contrastive loss
+    momentum: float = 0.4  # delta of the memory-bank update
+    num_negatives: int = 4096
+    margin: float = 0.2  # m of the ranking loss
+    shift: float = 0.1  # xi: how much easy negatives are shifted down
+    warmup_epochs: int = 1  # in-batch negatives and no momentum while epoch < warmup_epochs
+
+
+@dataclass
+class AlignConfig:
+    loss: str = "infonce"  # infonce | vse_max_violation
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    margin: float = 0.2  # VSE++ hinge margin
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    ckpt_every_n_steps: int = 200  # periodic last.ckpt against crashes and SIGTERM pre-emption
+    limit_val_batches: Optional[float] = None
+    limit_test_batches: Optional[float] = None
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    project: str = "fico-itr"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # online | offline | disabled; None: online when logged in, else offline
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # default: the config file's stem
+    root: str = "runs"
+    id: Optional[str] = None  # fixed run id (resume it); default: from the SLURM job id or the name
+    seed: int = 0
+    train: bool = True  # false: evaluate the randomly initialised model (the untrained baseline)
+    monitor: Optional[str] = None  # default: val/i2t_mAP@N (hash) or val/rsum (fine_grained)
+
+
+@dataclass
+class Config:
+    base: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    hash: HashConfig = field(default_factory=HashConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {
+    "model.kind": ("hash", "fine_grained"),
+    "model.text_encoder.pooling": ("cls", "mean"),
+    "align.loss": ("infonce", "vse_max_violation"),
+    "optim.schedule": ("cosine", "constant"),
+    "logger.mode": (None, "online", "offline", "disabled"),
+}
+
+
+def resolve_path(name: str) -> Path:
+    """`name` as given when it exists, else looked up in configs/."""
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config '{name}' not found (looked in . and {CONFIG_DIR}); "
+                      f"available: {', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))}")
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The YAML at `path` merged over its `base:` chain (child wins)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config inheritance loops: {' -> '.join(p.name for p in seen + (path,))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = path.parent / base if (path.parent / base).is_file() else resolve_path(base)
+    return _deep_merge(_read_with_bases(base_path, seen + (path,)), data)
+
+
+def _deep_merge(parent: dict, child: dict) -> dict:
+    out = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(user: dict, schema: type, prefix: str = "") -> None:
+    """Unknown keys fail with the closest valid names (OmegaConf's message is multi-line)."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in user.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            hint = f"did you mean {' or '.join(repr(prefix + c) for c in close)}? " if close else ""
+            raise ConfigError(f"unknown config key '{full}': {hint}allowed under "
+                              f"'{prefix.rstrip('.') or '<top>'}': {', '.join(fields)}")
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub()):
+            _check_keys(value, type(sub()), f"{full}.")
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Load `name` (a path or a file in configs/), apply `key=value` overrides, validate."""
+    path = resolve_path(name)
+    user = _deep_merge(_read_with_bases(path), _parse_overrides(overrides or []))
+    _check_keys(user, Config)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), user)
+    except OmegaConfBaseException as e:
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"config key '{getattr(e, 'full_key', '?')}': {msg}") from None
+    if cfg.run.name is None:
+        cfg.run.name = path.stem
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Values the types allow but the pipeline cannot run with."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, allowed))}")
+    checks: list[tuple[bool, str, str]] = [
+        (cfg.model.bits > 0 and cfg.model.bits % 8 == 0, "model.bits",
+         f"must be a positive multiple of 8 (codes are packed into bytes), got {cfg.model.bits}"),
+        (cfg.model.embed_dim > 0, "model.embed_dim", "must be positive"),
+        (cfg.data.batch_size > 1, "data.batch_size", "must be at least 2 (contrastive losses need negatives)"),
+        (cfg.data.eval_batch_size > 0, "data.eval_batch_size", "must be positive"),
+        (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean/std", "need 3 values (RGB)"),
+        (cfg.optim.lr > 0, "optim.lr", "must be positive"),
+        (0.0 <= cfg.hash.alpha <= 1.0, "hash.alpha", "must be in [0, 1]"),
+        (0.0 <= cfg.hash.momentum < 1.0, "hash.momentum", "must be in [0, 1)"),
+        (cfg.hash.num_negatives > 0, "hash.num_negatives", "must be positive"),
+        (cfg.trainer.devices > 0 and cfg.trainer.num_nodes > 0, "trainer.devices/num_nodes", "must be positive"),
+        (cfg.trainer.ckpt_every_n_steps >= 0, "trainer.ckpt_every_n_steps", "must be >= 0 (0 disables)"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {why}")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
