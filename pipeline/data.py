@@ -1,0 +1,337 @@
+"""WebDataset shards -> batches, for one process of a (possibly distributed) run.
+
+`build_stream` is the whole data stream in one function and knows its own size.
+The rules it follows were each seen to fail here (shared/research/pipeline_conventions.md):
+- training streams are resampled and cut to the same number of batches on every rank
+  (`with_epoch` on the loader: on the dataset it would count per worker), full batches only;
+- the resample / sample-shuffle seed differs per rank and worker and moves with the epoch,
+  which reaches the workers through shared memory (Lightning never calls set_epoch on an
+  IterableDataset);
+- evaluation reads every record exactly once: shards are split by rank with the rank and world
+  size taken from the trainer (never guessed from the environment), then by worker;
+- a record that fails to decode, has no caption, or a label outside the card's categories is
+  skipped and counted; the counts ride along with the next batch to the main process.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import get_worker_info
+
+log = logging.getLogger(__name__)
+
+MAX_CAPTIONS = 1 << 16  # caption id = image index * MAX_CAPTIONS + caption number
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used, explained in one line."""
+
+
+@dataclass
+class DatasetCard:
+    """`dataset.json`, written by data_prep next to the shards."""
+
+    root: Path
+    name: str
+    categories: list[str]
+    image_key: str
+    tokenizer: str | None
+    splits: dict
+
+    @classmethod
+    def read(cls, root: str | Path) -> "DatasetCard":
+        root = Path(root)
+        path = root / "dataset.json"
+        if not path.is_file():
+            raise DataError(f"no dataset card at {path}: point data.root at a folder made by "
+                            f"`python -m data_prep ...`, or leave data.root empty for the shapes default")
+        raw = json.loads(path.read_text())
+        return cls(root, raw["name"], list(raw["categories"]), raw.get("image_key", "png"),
+                   raw.get("tokenizer"), raw["splits"])
+
+    def shards(self, split: str) -> list[str]:
+        if split not in self.splits:
+            raise DataError(f"{self.root}/dataset.json has no '{split}' split (has: {', '.join(self.splits)})")
+        paths = [str(self.root / s) for s in self.splits[split]["shards"]]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} shard(s) of split '{split}' are missing, e.g. {missing[0]}: "
+                            f"re-run data_prep into {self.root}")
+        return paths
+
+    def num_images(self, split: str) -> int:
+        return int(self.splits[split]["num_images"])
+
+
+class SharedEpoch:
+    """The epoch number in shared memory, so that persistent workers see it change."""
+
+    def __init__(self, epoch: int = 0):
+        self.value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self.value.value = epoch
+
+    def get(self) -> int:
+        return self.value.value
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _stream_seed(seed: int, epoch: int, rank: int) -> int:
+    """Distinct per (seed, epoch, rank, worker), reproducible."""
+    worker, _ = _worker()
+    return hash((seed, epoch, rank, worker)) & 0x7FFFFFFF
+
+
+def resampled_shards(urls: list[str], seed: int, epoch: SharedEpoch, rank: int) -> Callable[[], Iterator[dict]]:
+    """An endless stream of shards drawn with replacement (every rank and worker its own draw)."""
+
+    def stream():
+        rng = random.Random(_stream_seed(seed, epoch.get(), rank))
+        while True:
+            yield {"url": rng.choice(urls)}
+
+    return stream
+
+
+def split_shards(urls: list[str], rank: int, world: int) -> Callable[[], Iterator[dict]]:
+    """Each shard once: rank r takes shards r, r+world, ...; then its workers take turns."""
+
+    def stream():
+        worker, workers = _worker()
+        for url in urls[rank::world][worker::workers]:
+            yield {"url": url}
+
+    return stream
+
+
+def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int):
+    def stage(src: Iterable) -> Iterator:
+        rng = random.Random(_stream_seed(seed, epoch.get(), rank) ^ 0x5EED)
+        return wds.filters._shuffle(src, bufsize, initial=max(1, bufsize // 4), rng=rng)
+
+    return stage
+
+
+class RecordDecoder:
+    """Shard record -> {image tensor, index, labels, captions}; bad records are skipped and counted.
+
+    One instance lives in each worker; `pop_skips` hands the counts since the last batch to the
+    collate function, so that they reach the main process with the batch itself."""
+
+    LOG_EVERY = 100
+
+    def __init__(self, image_key: str, num_categories: int, transform: Callable[[Image.Image], torch.Tensor]):
+        self.image_key, self.num_categories, self.transform = image_key, num_categories, transform
+        self.skips: Counter = Counter()
+        self.seen: Counter = Counter()
+
+    def skip(self, reason: str, key: str, detail: str = "") -> None:
+        self.skips[reason] += 1
+        self.seen[reason] += 1
+        if self.seen[reason] == 1 or self.seen[reason] % self.LOG_EVERY == 0:
+            log.warning("skipped record %s (%s, %d so far in this worker) %s", key, reason, self.seen[reason], detail)
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset handler for unreadable or truncated shards: count and carry on."""
+        self.skip("unreadable_shard", str(exn.args[-1]) if exn.args else "?", repr(exn)[:200])
+        return True
+
+    def pop_skips(self) -> dict:
+        out, self.skips = dict(self.skips), Counter()
+        return out
+
+    def decode(self, sample: dict) -> dict | None:
+        key = sample.get("__key__", "?")
+        try:
+            meta = json.loads(sample["json"])
+            image = Image.open(io.BytesIO(sample[self.image_key])).convert("RGB")
+            pixels = self.transform(image)
+        except Exception as e:  # any corrupt or missing member: skip, never crash the run
+            self.skip("undecodable", key, repr(e)[:200])
+            return None
+        captions = [c for c in meta.get("captions", []) if isinstance(c, str) and c.strip()]
+        if not captions:
+            self.skip("no_caption", key)
+            return None
+        labels = meta.get("labels", [])
+        if any(not isinstance(l, int) or not 0 <= l < self.num_categories for l in labels):
+            self.skip("bad_label", key, f"labels {labels} outside 0..{self.num_categories - 1}")
+            return None
+        if not isinstance(meta.get("index"), int):
+            self.skip("no_index", key)
+            return None
+        return {"image": pixels, "index": meta["index"], "labels": labels, "captions": captions}
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            record = self.decode(sample)
+            if record is not None:
+                yield record
+
+
+def image_transform(size: int, mean, std) -> Callable[[Image.Image], torch.Tensor]:
+    mean_t = torch.tensor(mean).view(3, 1, 1)
+    std_t = torch.tensor(std).view(3, 1, 1)
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (pixels.float() / 255.0 - mean_t) / std_t
+
+    return transform
+
+
+class Collate:
+    """Records -> a batch. Training: one random caption per image. Evaluation: every caption,
+    with ids that tie each caption to its image (never their positions)."""
+
+    def __init__(self, decoder: RecordDecoder, tokenizer, max_len: int, train: bool, seed: int, rank: int):
+        self.decoder, self.tokenizer, self.max_len, self.train = decoder, tokenizer, max_len, train
+        self.seed, self.rank, self.rng = seed, rank, None
+
+    def tokenize(self, texts: list[str]) -> dict:
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+
+    def __call__(self, records: list[dict]) -> dict:
+        if self.rng is None:  # created in the worker, so that each worker draws its own captions
+            self.rng = random.Random(_stream_seed(self.seed, 0, self.rank) ^ 0xCA9)
+        labels = torch.zeros(len(records), self.decoder.num_categories)
+        for row, r in enumerate(records):
+            labels[row, r["labels"]] = 1.0
+        batch = {"images": torch.stack([r["image"] for r in records]),
+                 "image_ids": torch.tensor([r["index"] for r in records], dtype=torch.long),
+                 "labels": labels}
+        if self.train:
+            batch.update(self.tokenize([self.rng.choice(r["captions"]) for r in records]))
+        else:
+            texts, text_ids, text_image_ids = [], [], []
+            for r in records:
+                for j, caption in enumerate(r["captions"][:MAX_CAPTIONS]):
+                    texts.append(caption)
+                    text_ids.append(r["index"] * MAX_CAPTIONS + j)
+                    text_image_ids.append(r["index"])
+            batch.update(self.tokenize(texts))
+            batch["text_ids"] = torch.tensor(text_ids, dtype=torch.long)
+            batch["text_image_ids"] = torch.tensor(text_image_ids, dtype=torch.long)
+        batch["skipped"] = self.decoder.pop_skips()
+        return batch
+
+
+def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int, rank: int, world: int,
+                 num_workers: int, seed: int, epoch: SharedEpoch, tokenizer, max_text_len: int,
+                 transform: Callable, shuffle_buffer: int = 1000,
+                 steps_per_epoch: int | None = None) -> tuple[Iterable, int | None]:
+    """The loader for one split on one rank, and its number of batches (None for evaluation, where
+    it depends on how the shards fall across ranks)."""
+    urls = card.shards(split)
+    decoder = RecordDecoder(card.image_key, len(card.categories), transform)
+    collate = Collate(decoder, tokenizer, max_text_len, train, seed, rank)
+    if train:
+        stages = [resampled_shards(urls, seed, epoch, rank), wds.tarfile_to_samples(handler=decoder.handler),
+                  decoder, seeded_shuffle(shuffle_buffer, seed, epoch, rank),
+                  wds.batched(batch_size, collation_fn=collate, partial=False)]
+    else:
+        stages = [split_shards(urls, rank, world), wds.tarfile_to_samples(handler=decoder.handler),
+                  decoder, wds.batched(batch_size, collation_fn=collate, partial=True)]
+    dataset = wds.DataPipeline(*stages)
+    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                           persistent_workers=train and num_workers > 0)
+    if not train:
+        return loader, None
+    num_batches = steps_per_epoch or max(1, math.ceil(card.num_images(split) / (batch_size * world)))
+    return loader.with_epoch(num_batches).with_length(num_batches, silent=True), num_batches
+
+
+def load_tokenizer(card: DatasetCard, override: str | None = None):
+    """The dataset's own tokenizer.json (trained by data_prep on training captions), or a pretrained
+    tokenizer by hub name / local path when the config names one."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if override:
+        return AutoTokenizer.from_pretrained(override)
+    if not card.tokenizer or not (card.root / card.tokenizer).is_file():
+        raise DataError(f"{card.root} has no tokenizer.json: re-run data_prep, or set data.tokenizer "
+                        f"to a pretrained tokenizer (hub name or local path)")
+    return PreTrainedTokenizerFast(tokenizer_file=str(card.root / card.tokenizer), pad_token="[PAD]",
+                                   unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def resolve_dataset(cfg_data) -> Path:
+    """data.root, or the shapes default (built on first use)."""
+    if cfg_data.root:
+        root = Path(cfg_data.root).expanduser()
+        if not (root / "dataset.json").is_file():
+            raise DataError(f"data.root={cfg_data.root}: no dataset.json there; build one with "
+                            f"`python -m data_prep ...` or unset data.root for the shapes default")
+        return root
+    from data_prep.shapes import build_shapes
+
+    root = Path(cfg_data.shapes_dir).expanduser()
+    if not (root / "dataset.json").is_file():
+        log.warning("no dataset configured: building the shapes default in %s (once)", root)
+    return build_shapes(root, image_size=cfg_data.image_size)
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """Shards of one dataset for train / val / test; rank and world size come from the trainer."""
+
+    def __init__(self, cfg_data, seed: int = 0):
+        super().__init__()
+        self.cfg, self.seed = cfg_data, seed
+        self.card = DatasetCard.read(resolve_dataset(cfg_data))
+        self.tokenizer = load_tokenizer(self.card, cfg_data.tokenizer)
+        self.epoch = SharedEpoch()
+        self.transform = image_transform(cfg_data.image_size, cfg_data.mean, cfg_data.std)
+        self.num_train_batches: int | None = None
+
+    @property
+    def num_categories(self) -> int:
+        return len(self.card.categories)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _stream(self, split: str, train: bool):
+        rank, world = self._rank_world()
+        loader, n = build_stream(
+            self.card, split, train=train, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
+            rank=rank, world=world, num_workers=self.cfg.num_workers, seed=self.seed, epoch=self.epoch,
+            tokenizer=self.tokenizer, max_text_len=self.cfg.max_text_len, transform=self.transform,
+            shuffle_buffer=self.cfg.shuffle_buffer, steps_per_epoch=self.cfg.steps_per_epoch)
+        if train:
+            self.num_train_batches = n
+        return loader
+
+    def train_dataloader(self):
+        return self._stream("train", train=True)
+
+    def val_dataloader(self):
+        return self._stream("val", train=False)
+
+    def test_dataloader(self):
+        return self._stream("test", train=False)
