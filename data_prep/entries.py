@@ -1,0 +1,82 @@
+"""What every raw-dataset reader produces: one `Entry` per image, plus a log of what was skipped.
+
+Readers (coco, flickr30k, manifest) turn their input formats into entries and
+drop bad inputs here, each with a reason; the shard writer never sees them.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("data_prep")
+
+SPLIT_ORDER = ["train", "restval", "val", "test"]  # others follow alphabetically
+
+
+@dataclass
+class Entry:
+    key: str                 # unique in the dataset; becomes __key__ and json["id"]
+    split: str
+    image: Path
+    captions: list[str]
+    labels: list[int] | None = None  # category indices; None = unknown (written as [])
+    index: int = -1          # dense position in its split, set once bad images are known
+
+
+class InputError(Exception):
+    """The inputs cannot be read at all (missing file, bad JSON, label matrix of the wrong shape)."""
+
+
+@dataclass
+class SkipLog:
+    """Counts skipped inputs by reason and logs the first few of each reason."""
+
+    show_per_reason: int = 5
+    counts: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str, what: str) -> None:
+        self.counts[reason] += 1
+        n = self.counts[reason]
+        if n <= self.show_per_reason:
+            log.warning("skipped (%s): %s", reason, what)
+        elif n == self.show_per_reason + 1:
+            log.warning("more inputs skipped for %s; the total is in the summary", reason)
+
+
+def safe_key(text: str) -> str:
+    """A webdataset-safe key: no '.' or '/' (they would split the member names)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
+
+
+def clean_captions(captions, key: str, skips: SkipLog) -> list[str]:
+    """Stripped, non-empty captions; each dropped one is counted."""
+    out = []
+    for caption in captions or []:
+        text = caption.strip() if isinstance(caption, str) else ""
+        if text:
+            out.append(" ".join(text.split()))
+        else:
+            skips.skip("empty_caption", f"{key}: {caption!r}")
+    return out
+
+
+def validated(entries, skips: SkipLog) -> list[Entry]:
+    """Drop entries without captions and repeated keys (the first one wins)."""
+    seen: set[str] = set()
+    kept = []
+    for entry in entries:
+        if not entry.captions:
+            skips.skip("no_captions", f"{entry.key} ({entry.image})")
+        elif entry.key in seen:
+            skips.skip("duplicate_id", f"{entry.key} ({entry.image})")
+        else:
+            seen.add(entry.key)
+            kept.append(entry)
+    return kept
+
+
+def split_sort_key(split: str) -> tuple:
+    return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
