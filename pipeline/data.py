@@ -202,14 +202,17 @@ def image_transform(size: int, mean, std) -> Callable[[Image.Image], torch.Tenso
 
 
 class Collate:
-    """Records -> a batch. Training: one random caption per image. Evaluation: every caption,
-    with ids that tie each caption to its image (never their positions)."""
+    """Records -> a batch: `images`, `image_ids`, `labels` (multi-hot), `text` (the text encoder's
+    keyword inputs) and `skipped`. Training: one random caption per image. Evaluation: every
+    caption, with `text_ids` and `text_image_ids` that tie each caption to its image (never
+    their positions)."""
 
     def __init__(self, decoder: RecordDecoder, tokenizer, max_len: int, train: bool, seed: int, rank: int):
         self.decoder, self.tokenizer, self.max_len, self.train = decoder, tokenizer, max_len, train
         self.seed, self.rank, self.rng = seed, rank, None
 
     def tokenize(self, texts: list[str]) -> dict:
+        """The text encoder's keyword inputs."""
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
@@ -223,7 +226,7 @@ class Collate:
                  "image_ids": torch.tensor([r["index"] for r in records], dtype=torch.long),
                  "labels": labels}
         if self.train:
-            batch.update(self.tokenize([self.rng.choice(r["captions"]) for r in records]))
+            batch["text"] = self.tokenize([self.rng.choice(r["captions"]) for r in records])
         else:
             texts, text_ids, text_image_ids = [], [], []
             for r in records:
@@ -231,7 +234,7 @@ class Collate:
                     texts.append(caption)
                     text_ids.append(r["index"] * MAX_CAPTIONS + j)
                     text_image_ids.append(r["index"])
-            batch.update(self.tokenize(texts))
+            batch["text"] = self.tokenize(texts)
             batch["text_ids"] = torch.tensor(text_ids, dtype=torch.long)
             batch["text_image_ids"] = torch.tensor(text_image_ids, dtype=torch.long)
         batch["skipped"] = self.decoder.pop_skips()
@@ -290,7 +293,10 @@ def resolve_dataset(cfg_data) -> Path:
     root = Path(cfg_data.shapes_dir).expanduser()
     if not (root / "dataset.json").is_file():
         log.warning("no dataset configured: building the shapes default in %s (once)", root)
-    return build_shapes(root, image_size=cfg_data.image_size)
+    try:
+        return build_shapes(root, image_size=cfg_data.image_size)
+    except ValueError as e:  # e.g. an older generator's dataset in the same folder
+        raise DataError(f"data.shapes_dir={cfg_data.shapes_dir}: {e}") from None
 
 
 class RetrievalDataModule(L.LightningDataModule):

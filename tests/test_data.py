@@ -69,7 +69,7 @@ def test_eval_batches_carry_every_caption_with_its_image_id(shapes_tiny):
     batch = next(iter(loader))
     counts = Counter(batch["text_image_ids"].tolist())
     assert set(counts) == set(batch["image_ids"].tolist()) and set(counts.values()) == {5}
-    assert len(set(batch["text_ids"].tolist())) == len(batch["text_ids"]) == batch["input_ids"].shape[0]
+    assert len(set(batch["text_ids"].tolist())) == len(batch["text_ids"]) == batch["text"]["input_ids"].shape[0]
 
 
 def test_equal_step_counts_and_full_batches_on_uneven_shards(tmp_path, shapes_tiny):

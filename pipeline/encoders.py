@@ -1,0 +1,103 @@
+"""Image and text encoders: plain nn.Modules that return a global vector and token features.
+
+Every encoder returns `Encoded(vector [B, D], tokens [B, T, D], mask [B, T])`: the
+global vector feeds the retrieval heads; tokens (CNN cells, ViT patches, word
+pieces) are there for token-level alignment objectives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Encoded:
+    vector: torch.Tensor  # [B, D]
+    tokens: torch.Tensor  # [B, T, D]
+    mask: torch.Tensor  # [B, T] bool, True where a token is real
+
+
+class SmallCNN(nn.Module):
+    """Four stride-2 conv stages, then the 4x4 grid flattened: the grid keeps *where* things are,
+    which global average pooling would throw away (captions say "top left")."""
+
+    def __init__(self, width: int = 128, grid: int = 4):
+        super().__init__()
+        chans = [3, width // 4, width // 2, width, width]
+        stages = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            stages += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True), nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(grid))
+        self.flatten = nn.Linear(width * grid * grid, width)
+        self.out_dim = width
+
+    def forward(self, images: torch.Tensor) -> Encoded:
+        grid = self.features(images)  # [B, C, g, g]
+        tokens = grid.flatten(2).transpose(1, 2)  # [B, g*g, C]
+        vector = self.flatten(grid.flatten(1))
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return Encoded(vector, tokens, mask)
+
+
+class HFVisionEncoder(nn.Module):
+    """Any transformers vision model (ViT, CLIP's vision tower, ...), by hub name, local path or instance."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = getattr(model, "vision_model", model)  # CLIPModel -> its vision tower
+        self.out_dim = self.model.config.hidden_size
+
+    def forward(self, images: torch.Tensor) -> Encoded:
+        out = self.model(pixel_values=images)
+        tokens = out.last_hidden_state
+        pooled = getattr(out, "pooler_output", None)
+        vector = pooled if pooled is not None else tokens[:, 0]
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return Encoded(vector, tokens, mask)
+
+
+class HFTextEncoder(nn.Module):
+    """Any transformers text model (BERT-style, CLIP's text tower, ...)."""
+
+    def __init__(self, model: nn.Module, pooling: str = "cls"):
+        super().__init__()
+        self.model = getattr(model, "text_model", model)
+        self.pooling = pooling
+        self.out_dim = self.model.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
+        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.bool()
+        if self.pooling == "mean":
+            weights = mask.unsqueeze(-1).to(tokens.dtype)
+            vector = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            vector = tokens[:, 0]
+        return Encoded(vector, tokens, mask)
+
+
+def build_image_encoder(cfg) -> nn.Module:
+    """`cfg` is a config's model.image_encoder section."""
+    if cfg.name == "cnn":
+        return SmallCNN(width=cfg.width)
+    from transformers import AutoModel
+
+    return HFVisionEncoder(AutoModel.from_pretrained(cfg.name))
+
+
+def build_text_encoder(cfg, vocab_size: int, max_len: int, pad_token_id: int = 0) -> nn.Module:
+    """`cfg` is a config's model.text_encoder section; tiny_bert is built from scratch (no download)."""
+    if cfg.name == "tiny_bert":
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(vocab_size=vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.layers,
+                            num_attention_heads=cfg.heads, intermediate_size=4 * cfg.width,
+                            max_position_embeddings=max(64, max_len), pad_token_id=pad_token_id)
+        return HFTextEncoder(BertModel(config, add_pooling_layer=False), pooling=cfg.pooling)
+    from transformers import AutoModel
+
+    return HFTextEncoder(AutoModel.from_pretrained(cfg.name), pooling=cfg.pooling)
