@@ -71,6 +71,8 @@ class HashConfig:
     margin: float = 0.2  # m of the ranking loss
     shift: float = 0.1  # xi: how much easy negatives are shifted down
     warmup_epochs: int = 1  # in-batch negatives and no momentum while epoch < warmup_epochs
+    label_weight: float = 0.0  # > 0 adds a supervised label-similarity loss (DCMH-style); 0 = pure UCCH
+    label_scale: float = 5.0  # cosine -> logit scale of that loss
 
 
 @dataclass

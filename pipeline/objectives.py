@@ -105,6 +105,21 @@ def cross_modal_ranking(hx: torch.Tensor, hy: torch.Tensor, margin: float, shift
     return loss
 
 
+def label_similarity(hx: torch.Tensor, hy: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """Supervised cross-modal pairwise loss (DCMH-style likelihood): an image and a caption are
+    similar when their multi-hot labels share a category. Binary cross-entropy on scaled cosines of
+    the relaxed codes, local rows against gathered columns, both directions."""
+    hx_all, _ = gather_with_grad(hx)
+    hy_all, _ = gather_with_grad(hy)
+    labels_all = gather_no_grad(labels)
+    similar = ((labels @ labels_all.T) > 0).to(hx.dtype)
+    loss = hx.new_zeros(())
+    for query, gallery in ((hx, hy_all), (hy, hx_all)):
+        logits = scale * F.normalize(query, dim=1) @ F.normalize(gallery, dim=1).T
+        loss = loss + F.binary_cross_entropy_with_logits(logits, similar)
+    return loss / 2
+
+
 class MemoryBankContrast(nn.Module):
     """UCCH's contrastive hashing loss against sign keys of a momentum-updated memory bank.
 

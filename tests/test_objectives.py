@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pipeline.objectives import MemoryBankContrast, check_finite, cross_modal_ranking, info_nce, vse_max_violation
+from pipeline.objectives import (MemoryBankContrast, check_finite, cross_modal_ranking, info_nce, label_similarity,
+                                 vse_max_violation)
 from tests.conftest import free_port
 
 B, D_IN, D_OUT, WORLD = 6, 10, 16, 2
@@ -27,7 +28,7 @@ def _heads():
     return torch.nn.Linear(D_IN, D_OUT), torch.nn.Linear(D_IN, D_OUT)
 
 
-def _loss(name, img_head, txt_head, x_img, x_txt, ids, bank=None):
+def _loss(name, img_head, txt_head, x_img, x_txt, ids, bank=None, rows=slice(None)):
     zi, zt = F.normalize(img_head(x_img), dim=1), F.normalize(txt_head(x_txt), dim=1)
     if name == "infonce":
         return info_nce(zi, zt, torch.tensor(10.0), ids)
@@ -35,6 +36,9 @@ def _loss(name, img_head, txt_head, x_img, x_txt, ids, bank=None):
         return vse_max_violation(zi, zt, 0.2, ids)
     if name == "ranking":
         return cross_modal_ranking(zi, zt, 0.2, 0.1)
+    if name == "label":
+        labels = (torch.arange(WORLD * B)[rows, None] % torch.tensor([2, 3, 5])[None, :] == 0).float()
+        return label_similarity(img_head(x_img), txt_head(x_txt), labels, 5.0)
     hi, ht = torch.tanh(img_head(x_img)), torch.tanh(txt_head(x_txt))
     warmup = name == "ucch_warmup"
     return bank.loss(hi, ids, step=3, warmup=warmup, partner=ht) + bank.loss(ht, ids, step=3, warmup=warmup, partner=hi)
@@ -59,7 +63,7 @@ def _worker(rank, port, names, out):
     results = {}
     for name in names:
         img_head, txt_head = _heads()
-        loss = _loss(name, img_head, txt_head, x_img[rows], x_txt[rows], ids[rows], _make_bank())
+        loss = _loss(name, img_head, txt_head, x_img[rows], x_txt[rows], ids[rows], _make_bank(), rows)
         loss.backward()
         grads = [p.grad.clone() for p in (*img_head.parameters(), *txt_head.parameters())]
         for g in grads:  # what DDP does to gradients
@@ -73,7 +77,7 @@ def _worker(rank, port, names, out):
     dist.destroy_process_group()
 
 
-NAMES = ["infonce", "vse", "ranking", "ucch", "ucch_warmup"]
+NAMES = ["infonce", "vse", "ranking", "label", "ucch", "ucch_warmup"]
 
 
 @pytest.fixture(scope="module")
