@@ -301,8 +301,7 @@ class _Direction:
             ranks.append(r)
             for k in ks:
                 aps[k].append(ap[k])
-        to_np = lambda xs: np.concatenate([x.cpu().numpy() if isinstance(x, torch.Tensor) else x for x in xs])  # noqa: E731
-        return to_np(ranks), {k: to_np(v) for k, v in aps.items()}
+        return _concat_np(ranks), {k: _concat_np(v) for k, v in aps.items()}
 
     # ---- CPU: numpy on L2-sized sub-blocks -------------------------------------------
     def _block_numpy(self, s, best, best_idx, a, ks, pool):
@@ -385,6 +384,11 @@ class _Direction:
         keys = torch.sort(keys, dim=1).values
         ranks = torch.searchsorted(keys, best_key[:, None]).squeeze(1)
         return ranks, _ap_torch((keys & 1).to(torch.int32), ks)
+
+
+def _concat_np(parts) -> np.ndarray:
+    """Per-block results (numpy, or device tensors: one copy to the host) as one array."""
+    return np.concatenate([p.cpu().numpy() if isinstance(p, torch.Tensor) else p for p in parts])
 
 
 def _index_bits(n: int) -> int:
