@@ -33,3 +33,101 @@ def run_train(args: list[str], cwd: Path, env: dict | None = None, timeout: int 
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- a local SLURM cluster (tests marked slurm)
+import time  # noqa: E402  (this section was appended to the file)
+
+LOCAL_CLUSTER = ROOT / "slurm" / "local_cluster.sh"
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                   "BOOT_FAIL", "DEADLINE"}
+
+
+class SlurmCluster:
+    """sbatch/scontrol against the cluster that slurm/local_cluster.sh runs; `env` also reaches the jobs
+    (sbatch exports the submitter's environment), so they find this python and its packages."""
+
+    def __init__(self, conf: str):
+        self.env = {**os.environ, "SLURM_CONF": conf, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                    "PYTHON": sys.executable, "WANDB_MODE": "offline",
+                    "WANDB_SILENT": "false"}  # W&B prints its run id into the job log
+
+    def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env=self.env, cwd=ROOT, capture_output=True, text=True, check=check, **kw)
+
+    def job(self, job_id: str) -> list[dict]:
+        """`scontrol show job` fields, one dict per job (an array has one per task)."""
+        out = self.run("scontrol", "-o", "show", "job", job_id, check=False).stdout
+        return [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in out.splitlines() if line.strip()]
+
+    def wait(self, job_id: str, timeout: float) -> list[dict]:
+        """Waits until every task of the job has ended; returns their final fields."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = self.job(job_id)
+            if jobs and all(j.get("JobState") in TERMINAL_STATES for j in jobs):
+                return jobs
+            time.sleep(0.5)
+        self.run("scancel", job_id, check=False)
+        raise AssertionError(f"job {job_id} did not end within {timeout:.0f} s: {self.job(job_id)}")
+
+
+def _report(request, line: str) -> None:
+    """A line on the terminal even under output capture (a skip reason must be seen, not only counted)."""
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter and capture:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(request):
+    """Starts a one-node SLURM on localhost (installing its Debian packages if needed) and stops, by pid,
+    exactly the daemons it started. Skips, with the reason printed, where that is impossible; with
+    FICO_REQUIRE_SLURM=1 (set by .ci/run) that is an error instead."""
+    def cannot(reason: str):
+        _report(request, f"\n[slurm tests] cannot start a local SLURM cluster: {reason}")
+        if os.environ.get("FICO_REQUIRE_SLURM") == "1":
+            pytest.fail(f"FICO_REQUIRE_SLURM=1 but no SLURM cluster: {reason}")
+        pytest.skip(f"no local SLURM cluster: {reason}")
+
+    if sys.platform != "linux" or os.geteuid() != 0:
+        cannot("needs root on Linux (slurmd starts jobs as their users)")
+    proc = subprocess.run(["bash", str(LOCAL_CLUSTER), "start", "--install"], capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != 0:
+        why = [line for line in proc.stderr.strip().splitlines() if "] stopped " not in line][-3:]
+        cannot(" | ".join(why) or f"exit code {proc.returncode}")
+    started = proc.stdout.strip().splitlines()[-1].removeprefix("started:").split()
+    conf = subprocess.run(["bash", str(LOCAL_CLUSTER), "env"], capture_output=True, text=True,
+                          check=True).stdout.strip().split("=", 1)[1]
+    _report(request, f"\n[slurm tests] local cluster up ({'started ' + ' '.join(started) if started else 'already running'})")
+    yield SlurmCluster(conf)
+    if started:
+        subprocess.run(["bash", str(LOCAL_CLUSTER), "stop", *started], capture_output=True, timeout=120)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step saved in a Lightning checkpoint."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+# ---------------------------------------------------------------- trained tiny runs (report / hybrid tests)
+TINY_RUN = ["data.batch_size=16", "data.eval_batch_size=32", "data.num_workers=0", "trainer.max_epochs=1",
+            "data.steps_per_epoch=3", "model.image_encoder.width=16", "model.text_encoder.width=32",
+            "model.head_hidden=32", "hash.num_negatives=64", "optim.warmup_steps=2", "logger.wandb=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, shapes_tiny) -> dict:
+    """One trained run of each family on `shapes_tiny` (config name -> run directory), trained once."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    runs = {}
+    for config in ("hash_64bit.yaml", "fine_grained.yaml"):
+        proc = run_train(["--config", config, f"data.root={shapes_tiny}", f"run.root={root}", *TINY_RUN], cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[config.removesuffix(".yaml")] = root / config.removesuffix(".yaml")
+    return runs

@@ -1,0 +1,440 @@
+"""Sweeps over configs: W&B sweeps on SLURM, plain grids as SLURM arrays or in sequence, one table.
+
+    python -m pipeline.sweep configs/sweeps/hash_bits.yaml [key=value ...] [--count N] [job options]
+        W&B: create the sweep, then submit an array of N agents (one trial each, `wandb agent --count 1`)
+    python -m pipeline.sweep configs/sweeps/hash_bits.yaml --grid [key=value ...] [job options]
+        no W&B server: expand the grid into one SLURM array task per trial
+    python -m pipeline.sweep configs/sweeps/hash_bits.yaml --local [key=value ...]
+        the same grid, one trial after the other on this machine
+    python -m pipeline.sweep --collect DIR
+        every finished trial under DIR -> DIR/results.csv, results.md and results.png
+
+The sweep file is in W&B's format; its `command` passes the parameters as `key=value` config
+overrides through `${args_no_hyphens}`, so one file serves all modes. `key=value` given here is
+added to every trial (e.g. data.root=...). Job options are those of `pipeline.submit`; the job
+shape comes from the trials' config as there.
+
+Grid trials run in <out>/<sweep>-NNN (run.root and run.id are set per trial), so that a requeued or
+resubmitted array task resumes its own trial, and `--local` skips trials that already finished.
+A requeued W&B agent job resumes the trial it started (same arguments, same W&B run) instead of
+asking the sweep for a new one: see slurm/sweep_agent.sbatch and `--trial` below.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from pipeline.submit import (ROOT, SubmitError, add_job_options, check_shape, run_sbatch, sbatch_options,
+                             shape_overrides)
+
+ARRAY_TEMPLATE = ROOT / "slurm" / "sweep_array.sbatch"
+AGENT_TEMPLATE = ROOT / "slurm" / "sweep_agent.sbatch"
+TRAIN_TEMPLATE = ROOT / "slurm" / "train.sbatch"
+TRIALS_FILE = "trials.json"
+FINISHED = "test_metrics.json"  # written by train.py when a run has been tested
+TRIAL_STATE_ENV = "FICO_TRIAL_STATE"  # set by sweep_agent.sbatch: where `--trial` records its trial
+TABLE_METRICS = ("i2t_R@1", "t2i_R@1", "i2t_mAP@N", "t2i_mAP@N", "rsum")
+PLOT_METRICS = ("mAP@N", "R@1")
+
+
+# ------------------------------------------------------------------ the sweep file and its grid
+
+def load_sweep(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        sweep = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SubmitError(f"cannot read sweep file {path}: {str(e).splitlines()[0]}") from None
+    missing = [k for k in ("parameters", "command") if k not in (sweep or {})]
+    if missing:
+        raise SubmitError(f"{path}: a sweep needs {' and '.join(missing)} (W&B sweep format)")
+    if "${args_no_hyphens}" not in sweep["command"]:
+        raise SubmitError(f"{path}: command must pass the parameters with ${{args_no_hyphens}} "
+                          f"(train.py takes key=value overrides)")
+    return sweep
+
+
+def flat_parameters(params: dict, prefix: str = "") -> dict[str, dict]:
+    """W&B's nested `parameters:` blocks become dotted names, as train.py's overrides use them."""
+    flat = {}
+    for name, spec in params.items():
+        if isinstance(spec, dict) and "parameters" in spec:
+            flat.update(flat_parameters(spec["parameters"], f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = spec
+    return flat
+
+
+def grid(params: dict) -> list[dict]:
+    """Every combination of the `values` lists (`value` is a constant), in the file's order."""
+    names, choices = [], []
+    for name, spec in flat_parameters(params).items():
+        if "values" in spec:
+            choices.append(list(spec["values"]))
+        elif "value" in spec:
+            choices.append([spec["value"]])
+        else:
+            raise SubmitError(f"parameter '{name}' has no values list ({', '.join(spec)}): a grid needs "
+                              f"`values: [...]` or `value: x`; random/bayes sweeps need W&B (drop --grid)")
+        names.append(name)
+    return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+
+
+def format_value(value) -> str:
+    """As W&B's agent writes `key=value` (str()), except None/bools, which YAML reads back as such."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def expand_command(command: list, params: dict) -> list[str]:
+    """The sweep's command for one trial with `${args_no_hyphens}` filled in; the launcher
+    macros (${env}, ${interpreter}, ${program}) stay and are dropped by split_train_args."""
+    out = []
+    for part in map(str, command):
+        if part == "${args_no_hyphens}":
+            out += [f"{k}={format_value(v)}" for k, v in params.items()]
+        elif part.startswith("${") and part not in ("${env}", "${interpreter}", "${program}"):
+            raise SubmitError(f"sweep command macro {part} is not supported (use ${{args_no_hyphens}})")
+        else:
+            out.append(part)
+    return out
+
+
+def split_train_args(args: list[str]) -> tuple[str, list[str]]:
+    """[launcher ..., --config, X, k=v, ...] -> (X, [k=v, ...]): the form slurm/train.sbatch takes.
+    How a trial is launched is decided here (srun under SLURM, this python locally), so whatever
+    the command has before --config (srun, ${interpreter}, ${program}, ...) is left out."""
+    if "--config" not in args or args.index("--config") + 1 >= len(args):
+        raise SubmitError(f"the sweep command has no '--config NAME' (got: {' '.join(args)})")
+    i = args.index("--config")
+    rest = args[i + 2:]
+    odd = [a for a in rest if "=" not in a]
+    if odd:
+        raise SubmitError(f"after --config the sweep command may only hold key=value overrides, got {odd}")
+    return args[i + 1], rest
+
+
+# ------------------------------------------------------------------ grid trials
+
+def make_trials(sweep: dict, name: str, extra: list[str], out: Path) -> list[dict]:
+    trials = []
+    for i, params in enumerate(grid(sweep["parameters"])):
+        config, overrides = split_train_args(expand_command(sweep["command"], params))
+        trial_id = f"{name}-{i:03d}"
+        overrides += extra + [f"run.root={out}", f"run.id={trial_id}", f"run.name={trial_id}"]
+        trials.append({"index": i, "id": trial_id, "dir": str(out / trial_id), "params": params, "config": config,
+                       "overrides": overrides})
+    return trials
+
+
+def write_trials(out: Path, trials: list[dict]) -> None:
+    """Creates the sweep folder; a rerun with the same trials reuses it (finished trials stay)."""
+    path = out / TRIALS_FILE
+    if path.exists() and json.loads(path.read_text()) != trials:
+        raise SubmitError(f"{out} holds another sweep's trials: pass --out NEW_DIR (or delete {path})")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(trials, indent=2) + "\n")
+
+
+def check_trials(trials: list[dict], args) -> object:
+    """Every trial loads, and all have one job shape (an array has one); returns trial 0's config."""
+    cfgs = []
+    for t in trials:
+        try:
+            cfgs.append(load_config(t["config"], t["overrides"]))
+        except ConfigError as e:
+            raise SubmitError(f"trial {t['id']} ({t['params']}): {e}") from None
+    shapes = {(c.trainer.num_nodes, c.trainer.devices) for c in cfgs}
+    if len(shapes) > 1:
+        raise SubmitError(f"the trials need different job shapes (num_nodes, devices) {sorted(shapes)}: "
+                          f"an array job has one; split the sweep")
+    check_shape(cfgs[0], args.ntasks_per_node, args.nodes)
+    return cfgs[0]
+
+
+def run_local(trials: list[dict]) -> int:
+    failed = 0
+    for t in trials:
+        if (Path(t["dir"]) / FINISHED).exists():
+            print(f"[sweep] {t['id']} finished before: skipped")
+            continue
+        print(f"[sweep] {t['id']}: {t['params']}", flush=True)
+        cmd = [sys.executable, str(ROOT / "train.py"), "--config", t["config"], *t["overrides"]]
+        failed += subprocess.run(cmd, cwd=ROOT).returncode != 0
+    return failed
+
+
+def submit_array(out: Path, trials: list[dict], cfg, args, name: str) -> str | None:
+    parallel = f"%{args.max_parallel}" if args.max_parallel else ""
+    cmd = ["sbatch", "--parsable", f"--array=0-{len(trials) - 1}{parallel}", f"--output={ROOT}/logs/%x-%A_%a.out",
+           *sbatch_options(cfg, args, name), str(ARRAY_TEMPLATE), str(out / TRIALS_FILE)]
+    return run_sbatch(cmd, args.dry_run)
+
+
+def trial_args(trials_file: str, index: int) -> list[str]:
+    """What slurm/sweep_array.sbatch passes to slurm/train.sbatch for one array task."""
+    t = json.loads(Path(trials_file).read_text())[index]
+    return [t["config"], *t["overrides"]]
+
+
+# ------------------------------------------------------------------ W&B agents
+
+def submit_agents(sweep: dict, sweep_path: Path, extra: list[str], args, name: str) -> str | None:
+    """Creates the W&B sweep and submits one agent job per trial."""
+    import wandb
+
+    if not any(e.startswith("run.root=") for e in extra):  # one folder per sweep, for --collect
+        extra = [*extra, f"run.root=runs/sweeps/{name}"]
+    # W&B runs its own command: fixed overrides go into the sweep as constant parameters
+    sweep = {**sweep, "parameters": {**sweep["parameters"],
+                                     **{k: {"value": v} for k, v in (e.split("=", 1) for e in extra)}}}
+    count = args.count or (len(grid(sweep["parameters"])) if sweep.get("method") == "grid" else None)
+    if not count:
+        raise SubmitError(f"{sweep_path}: method '{sweep.get('method')}' has no fixed size: pass --count N")
+    config, overrides = split_train_args(expand_command(sweep["command"], {}))
+    try:
+        cfg = load_config(config, overrides + extra)
+    except ConfigError as e:
+        raise SubmitError(str(e)) from None
+    check_shape(cfg, args.ntasks_per_node, args.nodes)
+    if args.dry_run:
+        sweep_id = "<sweep id>"
+    else:
+        sweep_id = wandb.sweep(sweep, project=args.project or cfg.logger.project, entity=cfg.logger.entity)
+    path = "/".join(p for p in (cfg.logger.entity, args.project or cfg.logger.project, sweep_id) if p)
+    parallel = f"%{args.max_parallel}" if args.max_parallel else ""
+    cmd = ["sbatch", "--parsable", f"--array=0-{count - 1}{parallel}", f"--output={ROOT}/logs/%x-%A_%a.out",
+           *sbatch_options(cfg, args, name), str(AGENT_TEMPLATE), path]
+    return run_sbatch(cmd, args.dry_run)
+
+
+def run_trial(argv: list[str], record: bool = True) -> int:
+    """The command a W&B agent runs: `pipeline.sweep --trial train.py --config X k=v ...`.
+
+    Records the arguments and the agent's WANDB_* variables (run id, sweep id) where
+    sweep_agent.sbatch asked, so that a requeued job runs the same trial as the same W&B run;
+    then trains: through slurm/train.sbatch (srun, shape check) in a SLURM job, else directly."""
+    config, overrides = split_train_args(argv)
+    state = os.environ.get(TRIAL_STATE_ENV)
+    if record and state:
+        Path(state).parent.mkdir(parents=True, exist_ok=True)
+        wandb_env = {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}
+        Path(state).write_text(json.dumps({"args": [config, *overrides], "env": wandb_env}, indent=2))
+    if os.environ.get("SLURM_JOB_ID"):
+        cmd = ["bash", str(TRAIN_TEMPLATE), config, *overrides]
+    else:
+        cmd = [sys.executable, str(ROOT / "train.py"), "--config", config, *overrides]
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+def resume_trial(state: str) -> int:
+    saved = json.loads(Path(state).read_text())
+    os.environ.update(saved["env"])
+    print(f"[sweep] requeued: resuming trial {' '.join(saved['args'])} (W&B run {saved['env'].get('WANDB_RUN_ID')})")
+    return run_trial(["--config", *saved["args"]], record=False)
+
+
+# ------------------------------------------------------------------ collecting results
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def find_runs(root: Path) -> list[dict]:
+    """Every finished run under `root`: its folder, resolved config (flat) and test metrics."""
+    runs = []
+    for metrics in sorted(root.rglob(FINISHED)):
+        config = metrics.parent / "config.yaml"
+        cfg = flatten(yaml.safe_load(config.read_text())) if config.exists() else {}
+        runs.append({"run": metrics.parent.name, "config": cfg, "metrics": json.loads(metrics.read_text())})
+    return runs
+
+
+def swept_keys(root: Path, runs: list[dict]) -> list[str]:
+    """The sweep's parameters (from trials.json), else the config keys whose values differ."""
+    trials = root / TRIALS_FILE
+    if trials.exists():
+        keys = {k for t in json.loads(trials.read_text()) for k in t["params"]}
+        values = {k: {json.dumps(r["config"].get(k)) for r in runs} for k in keys}
+        return [k for k in dict.fromkeys(k for t in json.loads(trials.read_text()) for k in t["params"])
+                if len(values[k]) > 1 or len(runs) == 1]
+    keys = sorted({k for r in runs for k in r["config"]})
+    return [k for k in keys if not k.startswith(("run.", "logger."))
+            and len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+
+
+def write_table(root: Path, runs: list[dict], params: list[str]) -> tuple[Path, Path]:
+    metric_names = list(dict.fromkeys(m for r in runs for m in r["metrics"]))
+    rows = [{"run": r["run"], **{p: r["config"].get(p) for p in params}, **r["metrics"]} for r in runs]
+    csv_path = root / "results.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["run", *params, *metric_names])
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = [m for m in TABLE_METRICS if m in metric_names]
+    lines = ["| run | " + " | ".join(params + shown) + " |", "|---" * (1 + len(params) + len(shown)) + "|"]
+    for row in rows:
+        cells = [str(row[p]) for p in params] + [_fmt(m, row.get(m)) for m in shown]
+        lines.append(f"| {row['run']} | " + " | ".join(cells) + " |")
+    md_path = root / "results.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def _fmt(name: str, value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4f}" if "mAP" in name else f"{value:.2f}"
+
+
+def plot(root: Path, runs: list[dict], params: list[str]) -> Path | None:
+    """mAP@N and R@1 (both directions) against model.bits, or the first numeric parameter;
+    one line per value of the other parameters."""
+    numeric = [p for p in params if all(isinstance(r["config"].get(p), (int, float)) for r in runs)]
+    if not numeric:
+        return None
+    x = "model.bits" if "model.bits" in numeric else numeric[0]
+    others = [p for p in params if p != x]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(5 * len(PLOT_METRICS), 4))
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r["config"].get(p) for p in others), []).append(r)
+    for ax, metric in zip(axes, PLOT_METRICS):
+        for key, members in groups.items():
+            members = sorted(members, key=lambda r: r["config"][x])
+            for direction in ("i2t", "t2i"):
+                label = ", ".join([direction] + [f"{p}={v}" for p, v in zip(others, key)])
+                ax.plot([r["config"][x] for r in members],
+                        [r["metrics"].get(f"{direction}_{metric}") for r in members], marker="o", label=label)
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    xs = sorted({r["config"][x] for r in runs})
+    for ax in axes:
+        if x == "model.bits":
+            ax.set_xscale("log", base=2)  # 16, 32, 64, 128 evenly spaced
+            ax.minorticks_off()
+        ax.set_xticks(xs, [str(v) for v in xs])
+    fig.suptitle(root.name)
+    fig.tight_layout()
+    path = root / "results.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def collect(root: Path) -> int:
+    runs = find_runs(root)
+    if not runs:
+        print(f"error: no finished runs ({FINISHED}) under {root}", file=sys.stderr)
+        return 2
+    params = swept_keys(root, runs)
+    csv_path, md_path = write_table(root, runs, params)
+    png = plot(root, runs, params)
+    trials = root / TRIALS_FILE
+    if trials.exists():
+        done = {r["run"] for r in runs}
+        missing = [t["id"] for t in json.loads(trials.read_text()) if t["id"] not in done]
+        if missing:
+            print(f"[sweep] {len(missing)} trial(s) not finished: {', '.join(missing)}")
+    print(md_path.read_text())
+    print(f"wrote {csv_path}, {md_path}" + (f", {png}" if png else ""))
+    return 0
+
+
+# ------------------------------------------------------------------ command line
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", nargs="?", help="a sweep file in W&B format (configs/sweeps/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value added to every trial")
+    p.add_argument("--grid", action="store_true", help="expand the grid into a SLURM array (no W&B server)")
+    p.add_argument("--local", action="store_true", help="run the grid here, one trial after the other")
+    p.add_argument("--collect", metavar="DIR", help="tabulate and plot every finished run under DIR")
+    p.add_argument("--out", help="grid: the sweep folder (default runs/sweeps/<sweep name>)")
+    p.add_argument("--count", type=int, help="W&B: number of agent jobs (default: the grid size)")
+    p.add_argument("--project", help="W&B project (default: logger.project of the config)")
+    p.add_argument("--max-parallel", type=int, help="array tasks running at once")
+    add_job_options(p)
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Entry points used by the SLURM templates; their arguments are train.py's, so no argparse.
+    if argv[:1] == ["--trial"]:
+        return run_trial(argv[1:])
+    if argv[:1] == ["--resume-trial"]:
+        return resume_trial(argv[1])
+    if argv[:1] == ["--trial-args"]:
+        print("\n".join(trial_args(argv[1], int(argv[2]))))
+        return 0
+    args = parse_args(argv)
+    if args.collect:
+        return collect(Path(args.collect))
+    if not args.sweep:
+        print("error: give a sweep file (or --collect DIR)", file=sys.stderr)
+        return 2
+    try:
+        return launch(args)
+    except (SubmitError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def launch(args) -> int:
+    sweep_path = Path(args.sweep)
+    sweep = load_sweep(sweep_path)
+    name = sweep.get("name") or sweep_path.stem
+    extra = args.overrides + shape_overrides(args.overrides, args.nodes, args.gpus_per_node)  # for every trial
+    if not (args.grid or args.local):
+        job = submit_agents(sweep, sweep_path, extra, args, name)
+        if job:
+            print(f"submitted agent array {job}: logs {ROOT}/logs/{name}-{job}_<task>.out; "
+                  f"when done: python -m pipeline.sweep --collect runs/sweeps/{name}")
+        return 0
+    out = Path(args.out or ROOT / "runs" / "sweeps" / name).resolve()
+    trials = make_trials(sweep, name, extra, out)
+    cfg = check_trials(trials, args)
+    if args.dry_run and args.local:
+        print(json.dumps(trials, indent=2))
+        return 0
+    if not args.dry_run:
+        write_trials(out, trials)
+    if args.local:
+        failed = run_local(trials)
+        collect(out)
+        return 1 if failed else 0
+    job = submit_array(out, trials, cfg, args, name)
+    if job:
+        print(f"submitted array {job} ({len(trials)} trials): logs {ROOT}/logs/{name}-{job}_<task>.out; "
+              f"when done: python -m pipeline.sweep --collect {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
