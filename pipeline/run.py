@@ -98,7 +98,8 @@ def build_trainer(cfg, run_dir: Path) -> L.Trainer:
     ]
     if cfg.trainer.ckpt_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,
-                                         every_n_train_steps=cfg.trainer.ckpt_every_n_steps))
+                                         every_n_train_steps=cfg.trainer.ckpt_every_n_steps,
+                                         enable_version_counter=False))  # both write the one last.ckpt
     # under SLURM: checkpoint + requeue on the wall-time signal without Lightning's DDP deadlock (pipeline/requeue.py)
     requeue_callbacks, cluster_plugins = slurm_preemption(slurm_job_tag())
     callbacks += requeue_callbacks

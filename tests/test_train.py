@@ -8,7 +8,8 @@ from tests.conftest import run_train
 
 TINY = ["data.batch_size=16", "data.eval_batch_size=32", "data.num_workers=0", "trainer.max_epochs=2",
         "data.steps_per_epoch=4", "model.image_encoder.width=16", "model.text_encoder.width=32",
-        "model.head_hidden=32", "hash.num_negatives=64", "trainer.log_every_n_steps=2", "optim.warmup_steps=2"]
+        "model.head_hidden=32", "hash.num_negatives=64", "trainer.log_every_n_steps=2", "optim.warmup_steps=2",
+        "trainer.ckpt_every_n_steps=3"]
 
 
 def _wandb_log(run_dir) -> bytes:
@@ -28,7 +29,7 @@ def test_tiny_run_writes_protocol_metrics_config_and_wandb(tmp_path, shapes_tiny
     assert list(metrics) == metric_names(ks)  # every PROTOCOL.md name, no stage prefix
     assert all(0 <= metrics[k] <= 1 for k in metrics if "mAP" in k)
     assert "model:" in (run_dir / "config.yaml").read_text()
-    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     log = _wandb_log(run_dir)
     for key in ("train/loss", "train/samples_per_sec", "train/data_wait_s", "val/rsum", "test/i2t_R@1",
                 "test/t2i_mAP@N", "head_hidden"):  # logged metrics and the resolved config
