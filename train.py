@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from pipeline.config import ConfigError, load_config, to_yaml
-    from pipeline.data import DataError, RetrievalDataModule
+    from pipeline.data import DataError, RetrievalDataModule, check_model_inputs
 
     try:  # every start-up problem is one line naming it and the fix, before any training
         cfg = load_config(args.config, args.overrides)
@@ -49,6 +49,11 @@ def main(argv=None) -> int:
     os.environ[RUN_DIR_ENV] = str(run_dir)
     tok = datamodule.tokenizer
     model = build_module(cfg, datamodule.card.num_images("train"), len(tok), tok.pad_token_id or 0)
+    try:  # feature shards need `features` encoders and pixels need real ones: say so before any data is read
+        check_model_inputs(datamodule.card, model)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))

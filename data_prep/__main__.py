@@ -5,6 +5,7 @@
          --instances instances_train2014.json instances_val2014.json --out DIR
   python -m data_prep flickr30k --karpathy dataset_flickr30k.json --images DIR [--labels FILE] --out DIR
   python -m data_prep manifest --jsonl FILE --images DIR --out DIR
+  python -m data_prep features --shards DIR --config CFG [key=value ...] --out DIR [--tokens]
 
 Exit status: 0 written (bad inputs are skipped and summarised), 1 nothing usable
 was written, 2 the inputs cannot be read.
@@ -149,6 +150,24 @@ def _run_manifest(args) -> int:
         skips), made_with)
 
 
+# ---- feature shards ----------------------------------------------------------------
+
+def _add_features(sub) -> None:
+    # Feature shards need the pipeline's encoders, and DESIGN.md keeps data_prep free of pipeline
+    # imports: this command only forwards its arguments to pipeline/features.py (imported when run).
+    p = sub.add_parser("features", help="frozen-encoder feature shards (python -m data_prep features --help)",
+                       prefix_chars="+", add_help=False)  # every argument, --help too, goes to pipeline.features
+    p.add_argument("args", nargs="*")
+    p.set_defaults(run=_run_features)
+
+
+def _run_features(args) -> int:
+    from pipeline import features
+    options = features.parse_args(args.args)
+    args.out = options.out  # for the summary below
+    return features.run(options)
+
+
 # ---- main ----------------------------------------------------------------------
 
 def print_summary(out_dir: Path, seconds: float) -> None:
@@ -170,7 +189,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_shapes, _add_coco, _add_flickr30k, _add_manifest):
+    for add in (_add_shapes, _add_coco, _add_flickr30k, _add_manifest, _add_features):
         add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="data_prep: %(message)s")

@@ -11,6 +11,9 @@ The rules it follows were each seen to fail here (shared/research/pipeline_conve
   size taken from the trainer (never guessed from the environment), then by worker;
 - a record that fails to decode, has no caption, or a label outside the card's categories is
   skipped and counted; the counts ride along with the next batch to the main process.
+Feature shards (`python -m data_prep features`; the card has a `features` entry) go through the
+same stream: `img.npy` takes the place of the pixels and each caption becomes its `txt.npy` row,
+so batches carry `images` [B, D] and `text` = {"features": [N, D]} for `features` encoders.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from torch.utils.data import get_worker_info
 log = logging.getLogger(__name__)
 
 MAX_CAPTIONS = 1 << 16  # caption id = image index * MAX_CAPTIONS + caption number
+TEXT_FEATURES_KEY = "txt.npy"  # feature shards: one row per caption, in the order of json captions
 
 
 class DataError(ValueError):
@@ -51,6 +55,7 @@ class DatasetCard:
     image_key: str
     tokenizer: str | None
     splits: dict
+    features: dict | None = None  # feature shards: {"image_dim", "text_dim", "source_config", ...}
 
     @classmethod
     def read(cls, root: str | Path) -> "DatasetCard":
@@ -61,7 +66,7 @@ class DatasetCard:
                             f"`python -m data_prep ...`, or leave data.root empty for the shapes default")
         raw = json.loads(path.read_text())
         return cls(root, raw["name"], list(raw["categories"]), raw.get("image_key", "png"),
-                   raw.get("tokenizer"), raw["splits"])
+                   raw.get("tokenizer"), raw["splits"], raw.get("features"))
 
     def shards(self, split: str) -> list[str]:
         if split not in self.splits:
@@ -139,8 +144,10 @@ class RecordDecoder:
 
     LOG_EVERY = 100
 
-    def __init__(self, image_key: str, num_categories: int, transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, image_key: str, num_categories: int, transform: Callable[[Image.Image], torch.Tensor],
+                 features: bool = False):
         self.image_key, self.num_categories, self.transform = image_key, num_categories, transform
+        self.features = features  # feature shards: image and caption vectors instead of pixels and text
         self.skips: Counter = Counter()
         self.seen: Counter = Counter()
 
@@ -163,12 +170,23 @@ class RecordDecoder:
         key = sample.get("__key__", "?")
         try:
             meta = json.loads(sample["json"])
-            image = Image.open(io.BytesIO(sample[self.image_key])).convert("RGB")
-            pixels = self.transform(image)
+            if self.features:
+                pixels = _npy(sample[self.image_key])
+                text_rows = _npy(sample[TEXT_FEATURES_KEY])
+            else:
+                image = Image.open(io.BytesIO(sample[self.image_key])).convert("RGB")
+                pixels = self.transform(image)
         except Exception as e:  # any corrupt or missing member: skip, never crash the run
             self.skip("undecodable", key, repr(e)[:200])
             return None
-        captions = [c for c in meta.get("captions", []) if isinstance(c, str) and c.strip()]
+        captions = meta.get("captions", [])
+        if self.features:  # from here on a caption is its row of text features
+            if len(text_rows) != len(captions):
+                self.skip("feature_mismatch", key, f"{len(text_rows)} text feature rows for {len(captions)} captions")
+                return None
+            captions = [row for c, row in zip(captions, text_rows) if isinstance(c, str) and c.strip()]
+        else:
+            captions = [c for c in captions if isinstance(c, str) and c.strip()]
         if not captions:
             self.skip("no_caption", key)
             return None
@@ -186,6 +204,11 @@ class RecordDecoder:
             record = self.decode(sample)
             if record is not None:
                 yield record
+
+
+def _npy(data: bytes) -> torch.Tensor:
+    """An .npy member (float16 or float32) as a float32 tensor."""
+    return torch.tensor(np.load(io.BytesIO(data), allow_pickle=False), dtype=torch.float32)
 
 
 def image_transform(size: int, mean, std) -> Callable[[Image.Image], torch.Tensor]:
@@ -211,8 +234,10 @@ class Collate:
         self.decoder, self.tokenizer, self.max_len, self.train = decoder, tokenizer, max_len, train
         self.seed, self.rank, self.rng = seed, rank, None
 
-    def tokenize(self, texts: list[str]) -> dict:
-        """The text encoder's keyword inputs."""
+    def tokenize(self, texts: list) -> dict:
+        """The text encoder's keyword inputs (feature shards: the caption vectors, no tokenizer)."""
+        if self.tokenizer is None:
+            return {"features": torch.stack(texts)}
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
@@ -248,11 +273,13 @@ def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int,
     """The loader for one split on one rank, and its number of batches (None for evaluation, where
     it depends on how the shards fall across ranks)."""
     urls = card.shards(split)
-    decoder = RecordDecoder(card.image_key, len(card.categories), transform)
-    collate = Collate(decoder, tokenizer, max_text_len, train, seed, rank)
+    decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features))
+    collate = Collate(decoder, None if card.features else tokenizer, max_text_len, train, seed, rank)
     if train:
+        # shuffle the encoded records, then decode: the buffer holds JPEG bytes (~0.1 MB) rather than
+        # pixels (0.6 MB at 224 px), and filling it costs tar reads, not decodes (benchmarks/bench_loader.py)
         stages = [resampled_shards(urls, seed, epoch, rank), wds.tarfile_to_samples(handler=decoder.handler),
-                  decoder, seeded_shuffle(shuffle_buffer, seed, epoch, rank),
+                  seeded_shuffle(shuffle_buffer, seed, epoch, rank), decoder,
                   wds.batched(batch_size, collation_fn=collate, partial=False)]
     else:
         stages = [split_shards(urls, rank, world), wds.tarfile_to_samples(handler=decoder.handler),
@@ -278,6 +305,33 @@ def load_tokenizer(card: DatasetCard, override: str | None = None):
                         f"to a pretrained tokenizer (hub name or local path)")
     return PreTrainedTokenizerFast(tokenizer_file=str(card.root / card.tokenizer), pad_token="[PAD]",
                                    unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+class NoTokenizer:
+    """Feature shards carry text features, not text: nothing to tokenize. Stands in where a vocabulary
+    is asked for (the pad token alone: a `features` text encoder has no embedding table, and a
+    mistaken text model still builds, so that `check_model_inputs` can name the mistake)."""
+
+    pad_token_id = 0
+
+    def __len__(self) -> int:
+        return 1
+
+
+def check_model_inputs(card: DatasetCard, model) -> None:
+    """Feature shards need `features` encoders of the card's widths, image-and-text shards need real
+    encoders: a DataError naming the fix, before any data is read."""
+    for side in ("image", "text"):
+        takes = getattr(getattr(model, f"{side}_encoder", None), "feature_dim", None)
+        if card.features:
+            dim = card.features[f"{side}_dim"]
+            if takes != dim:
+                raise DataError(f"{card.root} holds feature shards ({side} features of dim {dim}): set "
+                                f"model.{side}_encoder.name=features model.{side}_encoder.width={dim} "
+                                f"(as configs/*_features.yaml do)")
+        elif takes is not None:
+            raise DataError(f"model.{side}_encoder.name=features needs feature shards (made by "
+                            f"`python -m data_prep features`), but {card.root} holds images and text")
 
 
 def resolve_dataset(cfg_data) -> Path:
@@ -306,7 +360,7 @@ class RetrievalDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg, self.seed = cfg_data, seed
         self.card = DatasetCard.read(resolve_dataset(cfg_data))
-        self.tokenizer = load_tokenizer(self.card, cfg_data.tokenizer)
+        self.tokenizer = NoTokenizer() if self.card.features else load_tokenizer(self.card, cfg_data.tokenizer)
         self.epoch = SharedEpoch()
         self.transform = image_transform(cfg_data.image_size, cfg_data.mean, cfg_data.std)
         self.num_train_batches: int | None = None
@@ -314,6 +368,10 @@ class RetrievalDataModule(L.LightningDataModule):
     @property
     def num_categories(self) -> int:
         return len(self.card.categories)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None and self.trainer.lightning_module is not None:
+            check_model_inputs(self.card, self.trainer.lightning_module)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.set(epoch)

@@ -80,10 +80,33 @@ class HFTextEncoder(nn.Module):
         return Encoded(vector, tokens, mask)
 
 
+class FeatureInput(nn.Module):
+    """Precomputed features as the encoder output (feature shards, `python -m data_prep features`):
+    the heads train on top of frozen-backbone vectors, as UCCH and most hashing work do.
+    Selected by the encoder name `features`; `width` is the feature dimension (dataset.json
+    `features.image_dim` / `text_dim`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.feature_dim = self.out_dim = dim
+
+    def forward(self, features: torch.Tensor) -> Encoded:
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f"expected features of shape [batch, {self.feature_dim}], got {list(features.shape)}: "
+                             f"set the encoder's width to the dataset card's feature dimension")
+        mask = torch.ones(features.shape[0], 1, dtype=torch.bool, device=features.device)
+        return Encoded(features, features.unsqueeze(1), mask)
+
+
+FEATURES = "features"  # the encoder name that reads precomputed features
+
+
 def build_image_encoder(cfg) -> nn.Module:
     """`cfg` is a config's model.image_encoder section."""
     if cfg.name == "cnn":
         return SmallCNN(width=cfg.width)
+    if cfg.name == FEATURES:
+        return FeatureInput(cfg.width)
     from transformers import AutoModel
 
     return HFVisionEncoder(AutoModel.from_pretrained(cfg.name))
@@ -91,6 +114,8 @@ def build_image_encoder(cfg) -> nn.Module:
 
 def build_text_encoder(cfg, vocab_size: int, max_len: int, pad_token_id: int = 0) -> nn.Module:
     """`cfg` is a config's model.text_encoder section; tiny_bert is built from scratch (no download)."""
+    if cfg.name == FEATURES:
+        return FeatureInput(cfg.width)
     if cfg.name == "tiny_bert":
         from transformers import BertConfig, BertModel
 

@@ -11,7 +11,9 @@ def test_experiment_inherits_base_and_overrides_only_what_changes():
 
 
 def test_every_shipped_config_loads():
-    for name in ["base", "hash_16bit", "hash_32bit", "hash_64bit", "hash_128bit", "fine_grained"]:
+    for name in ["base", "hash_16bit", "hash_32bit", "hash_64bit", "hash_128bit", "fine_grained",
+                 "coco_hash_64bit", "coco_fine_grained", "f30k_hash_64bit", "f30k_fine_grained",
+                 "coco_hash_64bit_features"]:
         cfg = load_config(f"{name}.yaml")
         assert cfg.model.bits % 8 == 0
 
