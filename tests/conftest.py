@@ -123,11 +123,17 @@ TINY_RUN = ["data.batch_size=16", "data.eval_batch_size=32", "data.num_workers=0
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, shapes_tiny) -> dict:
-    """One trained run of each family on `shapes_tiny` (config name -> run directory), trained once."""
+    """One trained run of each family on `shapes_tiny` (config name -> run directory), trained once,
+    both at the same time (each is mostly Python start-up on one core)."""
     root = tmp_path_factory.mktemp("tiny_runs")
-    runs = {}
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    procs = {}
     for config in ("hash_64bit.yaml", "fine_grained.yaml"):
-        proc = run_train(["--config", config, f"data.root={shapes_tiny}", f"run.root={root}", *TINY_RUN], cwd=root)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[config.removesuffix(".yaml")] = root / config.removesuffix(".yaml")
-    return runs
+        args = [sys.executable, str(ROOT / "train.py"), "--config", config, f"data.root={shapes_tiny}",
+                f"run.root={root}", *TINY_RUN]
+        procs[config.removesuffix(".yaml")] = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE,
+                                                               stderr=subprocess.PIPE, text=True)
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+    return {name: root / name for name in procs}
