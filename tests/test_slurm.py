@@ -45,7 +45,7 @@ def interrupt(cluster, job: str, how: list[str], log: Path, last: Path, restart:
     t_interrupt = time.time()
     wait_for(lambda: f"restart {restart}:" in log.read_text(), 120, f"restart {restart}")
     before, stopped_at = last.stat().st_mtime, checkpoint_step(last)  # nothing writes until the restart trains
-    t_resumed, step = wait_for(lambda: step_if_newer(last, before), 180, "a checkpoint after the restart", poll=0.05)
+    t_resumed, step = wait_for(lambda: step_if_newer(last, before), 420, "a checkpoint after the restart", poll=0.05)
     return t_interrupt, stopped_at, t_resumed, step
 
 
@@ -65,7 +65,7 @@ def test_two_task_ddp_job_survives_requeue_and_wall_time_signal(slurm_cluster, s
     run_dir = tmp_path / f"hash_64bit-{job}"  # named after the job id, which survives requeues
     last, hpc = run_dir / "checkpoints" / "last.ckpt", run_dir / "hpc_ckpt_1.ckpt"
     try:
-        t_first, _ = wait_for(lambda: step_if_newer(last, 0), 180, "the first checkpoint")
+        t_first, _ = wait_for(lambda: step_if_newer(last, 0), 420, "the first checkpoint")
         t_requeue, killed_at, t_resumed1, step1 = interrupt(slurm_cluster, job, ["scontrol", "requeue"], log, last,
                                                             restart=1, min_step=3)
         t_signal, _, t_resumed2, step2 = interrupt(slurm_cluster, job, ["scancel", "--signal=USR1"], log, last,
