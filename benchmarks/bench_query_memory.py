@@ -35,7 +35,7 @@ def fake_split(dim: int, n: int = 1000, seed: int = 0) -> EncodedSplit:
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((dim, dim)).astype(np.float32) / np.sqrt(dim)
     x = rng.standard_normal((n, dim)).astype(np.float32) @ mix + 0.3
-    norm = x / np.linalg.norm(x, axis=1, keepdims=True)
+    norm = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     return EncodedSplit(x, x, norm, norm, np.arange(n), np.zeros((n, 1), np.uint8), np.arange(n), np.arange(n))
 
 

@@ -17,7 +17,8 @@ order exactly, no comparison sort anywhere. Distances of 64 items at a time are 
 branch-free (the compiler vectorises XOR + popcount, AVX-512 VPOPCNTQ where present) and
 only blocks whose minimum beats ``thr`` are looked at item by item.
 
-Memory: the inputs, the [nq, k] outputs and per-thread buffers of ~2k + 64 candidates.
+Memory: the inputs, the [nq, k] outputs and per-thread candidate buffers of 2k + 64 entries
+for each of up to 16 queries scanned together (fewer when k is large: ~12 MB per thread).
 
 Build. The C source is compiled once per machine type (``cc -O3 -march=native``) into
 ``$FICO_CACHE_DIR`` (default ``~/.cache/fico_pipeline``), keyed by the source, the flags
@@ -89,9 +90,11 @@ static void emit(const int32_t *cd, const int64_t *ci, int64_t n, int32_t *hist,
 /* queries [nq, W] x gallery [ng, W] (uint64 words); outputs [nq, k] sorted best first.
    Returns 0, or -1 when memory runs out. */
 int hamming_topk(const uint64_t *q, const uint64_t *g, int64_t nq, int64_t ng, int64_t W, int64_t k,
-                 int32_t *out_d, int64_t *out_i) {
+                 int64_t QB, int32_t *out_d, int64_t *out_i) {
     const int32_t maxd = (int32_t)(64 * W);
-    const int64_t QB = 16, GT = 4096;  /* queries per block, gallery items per tile (L1/L2) */
+    const int64_t GT = 4096;  /* gallery items per tile (stays in L1/L2 while QB <= 16 queries scan it) */
+    if (QB < 1) QB = 1;
+    if (QB > 16) QB = 16;
     const int64_t cap = 2 * k + SUB;
     int32_t *cd = malloc(sizeof(int32_t) * (size_t)(cap * QB));
     int64_t *ci = malloc(sizeof(int64_t) * (size_t)(cap * QB));
@@ -186,7 +189,7 @@ def _compile() -> ctypes.CDLL:
     fn = lib.hamming_topk
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -235,13 +238,15 @@ def hamming_topk(queries, gallery, k: int, num_threads: int | None = None):
     out_d = np.empty((nq, k), dtype=np.int32)
     out_i = np.empty((nq, k), dtype=np.int64)
     threads = max(1, min(num_threads or torch.get_num_threads(), (nq + 15) // 16))
+    # queries scanned together share each gallery tile; their candidate buffers (2k + 64 each) stay <= ~12 MB
+    qb = max(1, min(16, (1 << 20) // (2 * k + 64)))
     bounds = np.linspace(0, nq, threads + 1).astype(np.int64)
     bounds = [int(b) for b in bounds]
 
     def run(a: int, b: int) -> None:
         if b <= a:
             return
-        rc = lib.hamming_topk(q[a:].ctypes.data, g.ctypes.data, b - a, ng, q.shape[1], k,
+        rc = lib.hamming_topk(q[a:].ctypes.data, g.ctypes.data, b - a, ng, q.shape[1], k, qb,
                               out_d[a:].ctypes.data, out_i[a:].ctypes.data)
         if rc != 0:
             raise MemoryError("hamming_topk: out of memory for the candidate buffers")

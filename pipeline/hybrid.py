@@ -204,7 +204,7 @@ def _distill(image_feats, text_feats, caption_image, bits, steps, batch_size, lr
     model = DistilledHasher(img.shape[1], bits, hidden)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = _bar(steps, f"distill {bits}-bit", progress)
+    bar = _bar(steps, f"distill {bits}-bit", progress, "step")
     batch_size = min(batch_size, txt.shape[0])
     model.train()
     for _ in range(steps):
@@ -312,7 +312,7 @@ def build_gallery(test_feats, test_owner, size: int, seed: int = 0, run_codes: d
         joint = np.concatenate([feats.numpy()] + [c for _, c, _ in conts], axis=1)
         sampler = GaussianSampler(joint)
         rest = np.flatnonzero(~is_test)
-        bar = _bar(len(rest), f"distractors ({side})", progress)
+        bar = _bar(len(rest), f"distractors ({side})", progress, "item")
         for b, a in enumerate(range(0, len(rest), sampler.block)):
             rows = rest[a:a + sampler.block]
             x = sampler.sample(len(rows), seed * 7919 + b + (0 if side == "image" else 104_729))
@@ -355,6 +355,7 @@ def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_
                 raise ValueError(f"screener {name}: not the same test split (ids differ) as the fine-grained run")
             run_codes[name] = s
     rows = []
+    bar = _bar(2 * (len(screeners) + repeats), f"hybrid at {gallery_size:,} (screeners, timing rounds)", progress)
     directions = {
         # t2i: caption queries, image gallery; i2t: image queries, caption gallery
         "t2i": (fg.text, fg.caption_image, "image", fg.image, np.arange(fg.num_images), "text"),
@@ -385,6 +386,7 @@ def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_
                 _, idx = rerank(q, gal.feats, cand[name][:, :K], "cosine", max_k)
                 quality[(name, K)] = (recall_at(first_hit_ranks(idx.numpy(), gal.owner, q_owner), ks),
                                       100.0 * float(np.mean(h_ranks < K)))
+            bar.update(1)
 
         # time: a fixed query sample, every method once per round, rounds repeated (medians), so that
         # a change of load on a shared machine hits all methods alike
@@ -403,6 +405,7 @@ def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_
                 out = fn()
                 total = time.perf_counter() - t
                 times[key].append(out if isinstance(out, dict) else {"screen": total, "rerank": 0.0})
+            bar.update(1)
         ms = {key: {part: 1000.0 * float(np.median([t[part] for t in v])) / len(timed) for part in v[0]}
               for key, v in times.items()}
         fg_ts, fg_mm = ms[("fg", "topk_search")]["screen"], ms[("fg", "mm+topk")]["screen"]
@@ -421,6 +424,7 @@ def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_
                 t = ms[(name, K)]
                 rows.append(_row(direction, label, "hybrid", name, K, r, cr, t["screen"] + t["rerank"], t["screen"],
                                  t["rerank"], fg_r, ref, len(timed)))
+    bar.close()
     return rows
 
 
@@ -447,10 +451,10 @@ def _row(direction, gallery, method, screener, K, r, cand_recall, ms, screen_ms,
             "time_vs_fine_grained": 100.0 * ms / fg_ms, "timed_queries": timed}
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def _bar(total: int, desc: str, enabled: bool, unit: str = "it"):
     from pipeline.encode import _bar as bar
 
-    return bar(total, desc, enabled)
+    return bar(total, desc, enabled, unit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +493,7 @@ def fine_grained_screeners(fg_run, fg_test, distill_bits, simhash_bits, steps: i
     if distill_bits:
         train = None
         for bits in distill_bits:
-            path = None if cache_dir is None else cache_dir / f"distilled-{fg_run.name}-{bits}bit.pt"
+            path = None if cache_dir is None else cache_dir / f"distilled-{fg_run.name}-{bits}bit-{steps}steps.pt"
             if path is not None and path.is_file() and path.stat().st_mtime >= fg_run.checkpoint.stat().st_mtime:
                 model = DistilledHasher.load(path)
             else:

@@ -404,9 +404,9 @@ def query_time_rows(run: Run, enc: EncodedSplit, sizes, kinds, n_queries: int, k
                                                            ("t2i", "text", "image", n_img, n_txt)):
                 test_q = sources[q_side].test
                 full = n_queries <= 0
-                if full:
-                    sample = test_q[:min(len(test_q), 1000)]
+                if full:  # every query of the size; faiss and recall use the first 1,000 of them
                     qsrc = sources[q_side]
+                    sample = qsrc.rows(0, min(n_full, 1000))
                     qblocks = (qsrc.rows(a, min(n_full, a + 8192)) for a in range(0, n_full, 8192))
                 else:
                     pick = np.sort(rng.choice(len(test_q), min(n_queries, len(test_q)), replace=False))
@@ -677,7 +677,7 @@ def build_report(args) -> dict:
     storage = [row for r, e in zip(runs, encoded) for row in storage_rows(r, e)]
 
     n_points = len(runs) * len(opt.kinds) * len(opt.sizes) * 2
-    bar = _bar(n_points, "query time", progress)
+    bar = _bar(n_points, "query time (model x gallery x size x direction)", progress, unit="point")
     query = []
     for r, e in zip(runs, encoded):
         query += query_time_rows(r, e, opt.sizes, opt.kinds, opt.queries, opt.k, device, opt.block_items,

@@ -134,3 +134,29 @@ def test_streamed_exhaustive_search_equals_one_search_over_the_whole_gallery(has
         ref_s, ref_i = topk_search(q, full, 25, "hamming" if hashed else "cosine")
         assert torch.equal(i, ref_i), kind
         assert torch.allclose(s.double(), ref_s.double(), atol=1e-6)
+
+
+def test_full_query_sets_path_runs_every_query_and_matches_faiss():
+    """`--queries 0` (the default on CUDA): every query of the size is run, nothing is extrapolated."""
+    from pipeline.encode import EncodedSplit
+    from pipeline.report import query_time_rows
+
+    class FakeRun:
+        family, dim, name = "fine_grained", 16, "fake"
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 16)).astype(np.float32)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    enc = EncodedSplit(x, x, xn, xn, np.arange(40), np.zeros((40, 1), np.uint8), np.arange(40), np.arange(40))
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    rows = query_time_rows(FakeRun(), enc, [(300, 1500)], ("distinct",), 0, 5, torch.device("cpu"), 512, True,
+                           10**6, 10**6, True, 0, Bar())
+    ours = [r for r in rows if r["method"] == "exhaustive (ours)"]
+    assert {(r["direction"], r["timed_queries"], r["extrapolated"]) for r in ours} == {("i2t", 300, False),
+                                                                                    ("t2i", 1500, False)}
+    flat = [r for r in rows if r["method"] == "faiss IndexFlatIP"]
+    assert len(flat) == 2 and all(r["recall@k"] == pytest.approx(1.0) for r in flat)
