@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .card import write_card  # noqa: F401  (part of this module's public API)
-from .fsutil import tmp_sibling
+from .fsutil import atomic_open
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 
@@ -54,22 +53,12 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shard(records: Iterable[dict], path) -> int:
     """Write records into one tar at `path` atomically; returns the record count."""
-    path = Path(path)
-    tmp = tmp_sibling(path)
     count = 0
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                for record in records:
-                    for name, data in record_members(record):
-                        _add_member(tar, name, data)
-                    count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for record in records:
+            for name, data in record_members(record):
+                _add_member(tar, name, data)
+            count += 1
     return count
 
 

@@ -56,7 +56,8 @@ def run_id(run_dir: Path) -> str:
 
 def resume_checkpoint(run_dir: Path) -> str | None:
     """The newest of SLURM's hpc_ckpt_*.ckpt (written on the requeue signal) and last.ckpt."""
-    candidates = list(run_dir.glob("hpc_ckpt_*.ckpt")) + list((run_dir / "checkpoints").glob("last*.ckpt"))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    candidates = list(run_dir.glob("hpc_ckpt_*.ckpt")) + ([last] if last.is_file() else [])
     return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
 
 

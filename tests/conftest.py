@@ -137,3 +137,15 @@ def tiny_runs(tmp_path_factory, shapes_tiny) -> dict:
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-3000:]
     return {name: root / name for name in procs}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread in a module's tests and the runs they start: on a shared 2-core machine,
+    2 threads that spin-wait for each other made tiny models 3x (train.py) to 60x (a hash step) slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

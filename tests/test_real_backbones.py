@@ -21,14 +21,7 @@ WORDS = "a an the red green blue yellow big small square circle star dog cat car
 CATEGORIES = ["dog", "cat", "car"]
 
 
-@pytest.fixture(autouse=True, scope="module")  # before the module's builds
-def one_torch_thread():
-    """One intra-op thread here and in the runs we start: on a shared 2-core machine, 2 threads that
-    spin-wait for each other made these tiny models 3x (train.py) to 60x (a hash step) slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # before the module's builds
 
 
 @pytest.fixture(scope="module")
