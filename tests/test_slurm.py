@@ -49,9 +49,6 @@ def interrupt(cluster, job: str, how: list[str], log: Path, last: Path, restart:
     return t_interrupt, stopped_at, t_resumed, step
 
 
-# Out of the default run for now: it passed repeatedly in the dev checkout but timed out waiting for
-# the resumed checkpoint when run from a fresh clone (`bash .ci/run`); see the closing note of stop 6.
-@pytest.mark.slow
 @pytest.mark.slurm
 def test_two_task_ddp_job_survives_requeue_and_wall_time_signal(slurm_cluster, shapes_tiny, tmp_path, request):
     """sbatch -> srun 2 tasks (gloo). `scontrol requeue` after a few checkpointed steps: the job restarts
