@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cli import progress_bar
 from pipeline.heads import binarize
 from pipeline.retrieval import pack_codes
 
@@ -155,7 +156,7 @@ def encode_split(run: Run, split: str = "test", device="cpu", batch_size: int | 
     parts = {k: [] for k in ("img", "txt", "image_ids", "labels", "text_ids", "text_image_ids")}
     t_img = t_txt = 0.0
     warm = False
-    bar = _bar(dm.card.num_images(split), f"encode {run.name} ({split})", progress)
+    bar = progress_bar(dm.card.num_images(split), f"encode {run.name} ({split})", progress, "img")
     for i, batch in enumerate(loader):
         if limit_batches is not None and i >= limit_batches:
             break
@@ -209,19 +210,3 @@ def _first_by_id(ids: torch.Tensor) -> torch.Tensor:
     uids, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     pos = torch.arange(ids.numel())
     return torch.full_like(uids, ids.numel()).scatter_reduce_(0, inverse, pos, "amin")
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, desc: str, enabled: bool, unit: str = "img"):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cli import int_list
+
 MEASURES = ("cosine", "inner_product", "euclidean", "hamming")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
 
 
 def _map_ks(text: str) -> tuple[int | None, ...]:
@@ -42,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--caption-image", required=True, type=Path, help="image index of each caption, .npy [M]")
     p.add_argument("--labels", type=Path, help="image labels, .npy [N, C] multi-hot or [N] ids (enables mAP)")
     p.add_argument("--measure", choices=MEASURES, default="cosine")
-    p.add_argument("--ks", type=_ints, default=None, help="R@K cut-offs (default 1,5,10; hamming adds 50,100,200)")
+    p.add_argument("--ks", type=int_list, default=None, help="R@K cut-offs (default 1,5,10; hamming adds 50,100,200)")
     p.add_argument("--map-ks", type=_map_ks, default=(10, 100, None), help="mAP@k cut-offs, N = whole gallery")
     p.add_argument("--chunk-size", type=int, default=None, help="score elements per block (bounds memory)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -49,6 +49,7 @@ from data_prep import card as cardlib  # noqa: E402
 from data_prep.entries import InputError  # noqa: E402
 from data_prep.fsutil import TMP_MARK, atomic_write_bytes, remove_tree  # noqa: E402
 from data_prep.shards import write_shard  # noqa: E402
+from pipeline.cli import progress_bar  # noqa: E402
 from pipeline.data import (DataError, DatasetCard, RecordDecoder, TEXT_FEATURES_KEY,  # noqa: E402
                            image_transform, load_tokenizer)
 
@@ -255,21 +256,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-def _progress(total: int, done: int, enabled: bool):
-    try:
-        from tqdm import tqdm  # comes with transformers (huggingface_hub)
-    except ImportError:
-        enabled = False
-    if not enabled:
-        return contextlib.nullcontext(_NoBar())
-    return tqdm(total=total, initial=done, unit="img", desc="features", file=sys.stderr, dynamic_ncols=True)
-
-
 def build_features(args: argparse.Namespace) -> dict:
     """Write (or finish, or confirm) the feature dataset in args.out; returns its card."""
     from pipeline.config import ConfigError, load_config
@@ -312,7 +298,8 @@ def build_features(args: argparse.Namespace) -> dict:
                         prefetch_factor=4 if workers else None)
     pending: dict[int, dict] = {}  # task -> records so far, captions, skips
     dims: dict[str, int] = {}
-    with _progress(sum(card.num_images(s) for s in card.splits), done, not args.no_progress) as bar:
+    with progress_bar(sum(card.num_images(s) for s in card.splits), "features", not args.no_progress, "img",
+                      initial=done) as bar:
         for batch in loader:
             state = pending.setdefault(batch["task"], {"records": [], "captions": 0, "skipped": Counter()})
             state["skipped"].update(batch["skipped"])

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.cli import int_list, progress_bar
 from pipeline.hamming import hamming_topk
 from pipeline.heads import HashHead, binarize
 from pipeline.objectives import info_nce
@@ -204,7 +205,7 @@ def _distill(image_feats, text_feats, caption_image, bits, steps, batch_size, lr
     model = DistilledHasher(img.shape[1], bits, hidden)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = _bar(steps, f"distill {bits}-bit", progress, "step")
+    bar = progress_bar(steps, f"distill {bits}-bit", progress, "step")
     batch_size = min(batch_size, txt.shape[0])
     model.train()
     for _ in range(steps):
@@ -312,7 +313,7 @@ def build_gallery(test_feats, test_owner, size: int, seed: int = 0, run_codes: d
         joint = np.concatenate([feats.numpy()] + [c for _, c, _ in conts], axis=1)
         sampler = GaussianSampler(joint)
         rest = np.flatnonzero(~is_test)
-        bar = _bar(len(rest), f"distractors ({side})", progress, "item")
+        bar = progress_bar(len(rest), f"distractors ({side})", progress, "item")
         for b, a in enumerate(range(0, len(rest), sampler.block)):
             rows = rest[a:a + sampler.block]
             x = sampler.sample(len(rows), seed * 7919 + b + (0 if side == "image" else 104_729))
@@ -355,7 +356,7 @@ def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_
                 raise ValueError(f"screener {name}: not the same test split (ids differ) as the fine-grained run")
             run_codes[name] = s
     rows = []
-    bar = _bar(2 * (len(screeners) + repeats), f"hybrid at {gallery_size:,} (screeners, timing rounds)", progress)
+    bar = progress_bar(2 * (len(screeners) + repeats), f"hybrid at {gallery_size:,} (screeners, timing rounds)", progress)
     directions = {
         # t2i: caption queries, image gallery; i2t: image queries, caption gallery
         "t2i": (fg.text, fg.caption_image, "image", fg.image, np.arange(fg.num_images), "text"),
@@ -451,29 +452,21 @@ def _row(direction, gallery, method, screener, K, r, cand_recall, ms, screen_ms,
             "time_vs_fine_grained": 100.0 * ms / fg_ms, "timed_queries": timed}
 
 
-def _bar(total: int, desc: str, enabled: bool, unit: str = "it"):
-    from pipeline.encode import _bar as bar
-
-    return bar(total, desc, enabled, unit)
 
 
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(float(v)) for v in text.split(",") if v.strip())
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.hybrid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fine-grained", required=True, type=Path, help="a fine-grained run directory")
     p.add_argument("--hash", nargs="*", type=Path, default=[], help="hashing run directories (same dataset)")
-    p.add_argument("--distill-bits", type=_ints, default=(64,), help="distilled screeners to train (0: none)")
+    p.add_argument("--distill-bits", type=int_list, default=(64,), help="distilled screeners to train (0: none)")
     p.add_argument("--distill-steps", type=int, default=2000)
-    p.add_argument("--simhash-bits", type=_ints, default=(64,), help="SimHash screeners (0: none)")
+    p.add_argument("--simhash-bits", type=int_list, default=(64,), help="SimHash screeners (0: none)")
     p.add_argument("--gallery", type=int, default=100_000, help="gallery items per side (test + distractors)")
-    p.add_argument("--K", type=_ints, default=(1, 10, 30, 100, 300, 1000, 3000), help="screening depths")
+    p.add_argument("--K", type=int_list, default=(1, 10, 30, 100, 300, 1000, 3000), help="screening depths")
     p.add_argument("--queries", type=int, default=500, help="timed queries per direction (quality: all)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="device for encoding the splits")

@@ -51,7 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.encode import EncodedSplit, Run, RunError, _bar, encode_split, load_run
+from pipeline.cli import int_list, progress_bar
+from pipeline.encode import EncodedSplit, Run, RunError, encode_split, load_run
 from pipeline.hamming import backend as hamming_backend
 from pipeline.hamming import hamming_topk
 from pipeline.metrics import evaluate
@@ -207,7 +208,7 @@ def storage_rows(run: Run, enc: EncodedSplit) -> list[dict]:
     scaled = 1_000_000 + 5_000_000
     if run.family == "hash":
         bits = run.dim
-        kinds = [(f"packed codes, {bits} bits (ours)", bits // 8), (f"one int8 per bit (paper's count)", bits)]
+        kinds = [(f"packed codes, {bits} bits (ours)", bits // 8), ("one int8 per bit (paper's count)", bits)]
     else:
         kinds = [(f"{run.dim}-d float32", run.dim * 4)]
     return [{"model": run.name, "storage": name, "bytes_per_item": b, "test_gallery_items": n,
@@ -600,10 +601,6 @@ def _parse_sizes(text: str) -> tuple:
     return tuple(out)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(float(v)) for v in text.split(",") if v.strip())
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -623,13 +620,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-faiss", action="store_true", help="skip the faiss indexes")
     p.add_argument("--faiss-max-float", type=int, default=1_000_000, help="largest float gallery given to faiss")
     p.add_argument("--hnsw-max", type=int, default=100_000, help="largest gallery given to IndexHNSWFlat")
-    p.add_argument("--hybrid-gallery", type=_ints, default=None,
+    p.add_argument("--hybrid-gallery", type=int_list, default=None,
                    help="hybrid gallery sizes per side besides the test split (default 100000; quick 2000)")
-    p.add_argument("--hybrid-K", type=_ints, default=None, help="screening depths K")
+    p.add_argument("--hybrid-K", type=int_list, default=None, help="screening depths K")
     p.add_argument("--hybrid-queries", type=int, default=None, help="timed hybrid queries per direction")
-    p.add_argument("--distill-bits", type=_ints, default=(64,), help="distilled screeners (0: none)")
+    p.add_argument("--distill-bits", type=int_list, default=(64,), help="distilled screeners (0: none)")
     p.add_argument("--distill-steps", type=int, default=None)
-    p.add_argument("--simhash-bits", type=_ints, default=(64,), help="SimHash screeners (0: none)")
+    p.add_argument("--simhash-bits", type=int_list, default=(64,), help="SimHash screeners (0: none)")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats for the hybrid (median)")
     p.add_argument("--wandb", choices=("auto", "on", "off"), default="auto",
                    help="auto: when the first run's config has logger.wandb=true")
@@ -677,7 +674,7 @@ def build_report(args) -> dict:
     storage = [row for r, e in zip(runs, encoded) for row in storage_rows(r, e)]
 
     n_points = len(runs) * len(opt.kinds) * len(opt.sizes) * 2
-    bar = _bar(n_points, "query time (model x gallery x size x direction)", progress, unit="point")
+    bar = progress_bar(n_points, "query time (model x gallery x size x direction)", progress, unit="point")
     query = []
     for r, e in zip(runs, encoded):
         query += query_time_rows(r, e, opt.sizes, opt.kinds, opt.queries, opt.k, device, opt.block_items,
