@@ -30,22 +30,36 @@ MAX_OBJECTS = 3
 PARALLEL_FROM = 4000  # images; below this a build runs in one process
 
 
+CELLS = [(r, c) for r in range(GRID) for c in range(GRID)]
+
+
+def sample_object(rng: random.Random, cell: tuple[int, int]) -> dict:
+    size = rng.choice(list(SIZES))
+    wiggle = max(0.0, 0.47 - SIZES[size])  # keeps the object inside its cell
+    return {
+        "shape": rng.choice(SHAPES),
+        "colour": rng.choice(list(COLOURS)),
+        "size": size,
+        "cell": cell,
+        "offset": (rng.uniform(-wiggle, wiggle), rng.uniform(-wiggle, wiggle)),
+        "tint": tuple(rng.randint(-12, 12) for _ in range(3)),
+    }
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    return tuple(rng.randint(225, 250) for _ in range(3))
+
+
 def sample_scene(rng: random.Random) -> dict:
-    cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], rng.randint(1, MAX_OBJECTS))
-    objects = []
-    for cell in cells:
-        size = rng.choice(list(SIZES))
-        wiggle = max(0.0, 0.47 - SIZES[size])  # keeps the object inside its cell
-        objects.append({
-            "shape": rng.choice(SHAPES),
-            "colour": rng.choice(list(COLOURS)),
-            "size": size,
-            "cell": cell,
-            "offset": (rng.uniform(-wiggle, wiggle), rng.uniform(-wiggle, wiggle)),
-            "tint": tuple(rng.randint(-12, 12) for _ in range(3)),
-        })
-    background = tuple(rng.randint(225, 250) for _ in range(3))
-    return {"background": background, "objects": objects}
+    cells = rng.sample(CELLS, rng.randint(1, MAX_OBJECTS))
+    objects = [sample_object(rng, cell) for cell in cells]
+    return {"background": _background(rng), "objects": objects}
+
+
+def single_object_scene(rng: random.Random) -> dict:
+    """One object anywhere: the images the shapes backbone is pretrained on (pipeline/backbone.py)."""
+    obj = sample_object(rng, rng.choice(CELLS))
+    return {"background": _background(rng), "objects": [obj]}
 
 
 def shape_labels(objects: list[dict]) -> list[int]:

@@ -48,6 +48,9 @@ class EncoderConfig:
     layers: int = 2  # tiny_bert layers
     heads: int = 2  # tiny_bert attention heads
     pooling: str = "cls"  # text: cls | mean
+    init: Optional[str] = None  # image cnn only: weights to start from, a .pt file or "shapes" (pipeline/backbone.py)
+    init_steps: int = 500  # pretraining steps of the "shapes" backbone (made once, cached in data/backbones)
+    freeze: bool = False  # a fixed feature extractor: no gradients, BatchNorm statistics kept
 
 
 @dataclass
@@ -250,6 +253,14 @@ def validate(cfg: DictConfig) -> None:
         (0.0 <= cfg.hash.momentum < 1.0, "hash.momentum", "must be in [0, 1)"),
         (cfg.hash.num_negatives > 0, "hash.num_negatives", "must be positive"),
         (cfg.trainer.devices > 0 and cfg.trainer.num_nodes > 0, "trainer.devices/num_nodes", "must be positive"),
+        (cfg.model.image_encoder.init is None or cfg.model.image_encoder.name == "cnn", "model.image_encoder.init",
+         "loads weights into the cnn only (transformers models load theirs by name); set it to null"),
+        (cfg.model.image_encoder.init in (None, "shapes") or Path(cfg.model.image_encoder.init).expanduser().is_file(),
+         "model.image_encoder.init", f"is {cfg.model.image_encoder.init!r}: no such file; give a weights file, "
+         "\"shapes\" (the built-in shapes backbone) or null"),
+        (cfg.model.text_encoder.init is None, "model.text_encoder.init",
+         "is for the image cnn only; text models load their weights by name"),
+        (cfg.model.image_encoder.init_steps > 0, "model.image_encoder.init_steps", "must be positive"),
         (cfg.trainer.ckpt_every_n_steps >= 0, "trainer.ckpt_every_n_steps", "must be >= 0 (0 disables)"),
     ]
     for ok, key, why in checks:

@@ -92,7 +92,7 @@ def load_run(run_dir, data_root: str | None = None, num_workers: int | None = No
     if ckpt is None:
         raise RunError(f"{path}: no checkpoints/{checkpoint}.ckpt or last.ckpt")
     tok = dm.tokenizer
-    module = build_module(cfg, dm.card.num_images("train"), len(tok), tok.pad_token_id or 0)
+    module = build_module(cfg, dm.card.num_images("train"), len(tok), tok.pad_token_id or 0, load_init=False)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state, strict=True)
     module.eval()

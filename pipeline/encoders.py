@@ -98,22 +98,63 @@ class FeatureInput(nn.Module):
         return Encoded(features, features.unsqueeze(1), mask)
 
 
+class Frozen(nn.Module):
+    """An encoder used as a fixed feature extractor: no gradients, and always in eval mode (BatchNorm
+    keeps its pretrained statistics whatever Lightning's .train() asks), as UCCH trains its hash
+    layers on fixed VGG features."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        self.out_dim = encoder.out_dim
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "Frozen":
+        return super().train(False)
+
+    def forward(self, *args, **kwargs) -> Encoded:
+        with torch.no_grad():
+            return self.encoder(*args, **kwargs)
+
+
 FEATURES = "features"  # the encoder name that reads precomputed features
 
 
-def build_image_encoder(cfg) -> nn.Module:
-    """`cfg` is a config's model.image_encoder section."""
-    if cfg.name == "cnn":
-        return SmallCNN(width=cfg.width)
-    if cfg.name == FEATURES:
-        return FeatureInput(cfg.width)
-    from transformers import AutoModel
+def load_weights(encoder: nn.Module, path) -> nn.Module:
+    """Load a state_dict file (plain, or under "state_dict" as pipeline.backbone saves it)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        encoder.load_state_dict(state.get("state_dict", state))
+    except RuntimeError as e:
+        raise ValueError(f"model.image_encoder.init={path}: the weights do not fit this encoder "
+                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                         f"check model.image_encoder.width") from None
+    return encoder
 
-    return HFVisionEncoder(AutoModel.from_pretrained(cfg.name))
+
+def build_image_encoder(cfg, init=None) -> nn.Module:
+    """`cfg` is a config's model.image_encoder section; `init` a weights file for the cnn
+    (pipeline.backbone.resolve_init resolves `cfg.init`; None starts from random weights)."""
+    if cfg.name == "cnn":
+        encoder = SmallCNN(width=cfg.width)
+        if init is not None:
+            load_weights(encoder, init)
+    elif cfg.name == FEATURES:
+        encoder = FeatureInput(cfg.width)
+    else:
+        from transformers import AutoModel
+
+        encoder = HFVisionEncoder(AutoModel.from_pretrained(cfg.name))
+    return Frozen(encoder) if cfg.freeze else encoder
 
 
 def build_text_encoder(cfg, vocab_size: int, max_len: int, pad_token_id: int = 0) -> nn.Module:
     """`cfg` is a config's model.text_encoder section; tiny_bert is built from scratch (no download)."""
+    encoder = _text_encoder(cfg, vocab_size, max_len, pad_token_id)
+    return Frozen(encoder) if cfg.freeze else encoder
+
+
+def _text_encoder(cfg, vocab_size: int, max_len: int, pad_token_id: int) -> nn.Module:
     if cfg.name == FEATURES:
         return FeatureInput(cfg.width)
     if cfg.name == "tiny_bert":

@@ -132,6 +132,7 @@ class FrozenEncoders:
     """The config's encoders in eval mode, without gradients, on `device`."""
 
     def __init__(self, cfg, tokenizer, device: torch.device, precision: str):
+        from pipeline.backbone import resolve_init
         from pipeline.encoders import FEATURES, build_image_encoder, build_text_encoder
 
         for side in ("image_encoder", "text_encoder"):
@@ -140,7 +141,7 @@ class FrozenEncoders:
                                  f"encoders that make them (e.g. coco_hash_64bit.yaml, not *_features.yaml)")
         torch.manual_seed(cfg.run.seed)  # randomly initialised encoders come out as training builds them
         try:
-            image = build_image_encoder(cfg.model.image_encoder)
+            image = build_image_encoder(cfg.model.image_encoder, resolve_init(cfg))
             text = build_text_encoder(cfg.model.text_encoder, len(tokenizer), cfg.data.max_text_len,
                                       tokenizer.pad_token_id or 0)
         except OSError as e:  # a hub name offline, a wrong local path

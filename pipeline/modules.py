@@ -149,10 +149,14 @@ class CrossModalHasher(RetrievalModule):
         return pack_codes(binarize(h))
 
 
-def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int = 0) -> RetrievalModule:
+def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int = 0,
+                 load_init: bool = True) -> RetrievalModule:
+    """The config's module. `load_init=False` skips `model.image_encoder.init` (and pretraining the
+    shapes backbone): for a module whose weights come from a checkpoint next."""
+    from pipeline.backbone import resolve_init
     from pipeline.encoders import build_image_encoder, build_text_encoder
 
-    image_encoder = build_image_encoder(cfg.model.image_encoder)
+    image_encoder = build_image_encoder(cfg.model.image_encoder, resolve_init(cfg) if load_init else None)
     text_encoder = build_text_encoder(cfg.model.text_encoder, vocab_size, cfg.data.max_text_len, pad_token_id)
     optim = {k: cfg.optim[k] for k in ("lr", "weight_decay", "warmup_steps", "schedule")}
     if cfg.model.kind == "fine_grained":

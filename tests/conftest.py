@@ -117,8 +117,8 @@ def checkpoint_step(path: Path) -> int:
 
 # ---------------------------------------------------------------- trained tiny runs (report / hybrid tests)
 TINY_RUN = ["data.batch_size=16", "data.eval_batch_size=32", "data.num_workers=0", "trainer.max_epochs=1",
-            "data.steps_per_epoch=3", "model.image_encoder.width=16", "model.text_encoder.width=32",
-            "model.head_hidden=32", "hash.num_negatives=64", "optim.warmup_steps=2", "logger.wandb=false"]
+            "data.steps_per_epoch=3", "model.image_encoder.width=16", "model.image_encoder.init_steps=2",
+            "model.text_encoder.width=32", "model.head_hidden=32", "hash.num_negatives=64", "optim.warmup_steps=2", "logger.wandb=false"]
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,10 @@ def test_config_by_path_with_relative_base(tmp_path):
     (["align.loss=triplet"], "infonce"),
     (["data.batch_size=1"], "data.batch_size"),
     (["optim.lr"], "key=value"),
+    (["model.image_encoder.init=/no/such/weights.pt"], "no such file"),
+    (["model.image_encoder.name=google/vit-base-patch16-224"], "model.image_encoder.init"),
+    (["model.text_encoder.init=shapes"], "model.text_encoder.init"),
+    (["model.image_encoder.init_steps=0"], "model.image_encoder.init_steps"),
 ])
 def test_bad_configs_fail_in_one_line_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as err:

@@ -19,7 +19,8 @@ from pipeline.run import resume_checkpoint
 from tests.conftest import ROOT, checkpoint_step, run_train
 
 TINY = ["data.batch_size=16", "data.num_workers=0", "model.image_encoder.width=32", "model.text_encoder.width=32",
-        "model.head_hidden=64", "hash.num_negatives=64", "optim.warmup_steps=2", "trainer.log_every_n_steps=2"]
+        "model.head_hidden=64", "hash.num_negatives=64", "optim.warmup_steps=2", "trainer.log_every_n_steps=2",
+        "model.image_encoder.init_steps=2"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two processes x two math threads on two cores run ~10x slower here
 
 
@@ -28,7 +29,7 @@ def evaluate_in_one_process(run_dir, ckpt) -> dict:
     cfg = load_config(str(run_dir / "config.yaml"), ["trainer.devices=1", "trainer.strategy=auto"])
     data = RetrievalDataModule(cfg.data, seed=cfg.run.seed)
     tok = data.tokenizer
-    model = build_module(cfg, data.card.num_images("train"), len(tok), tok.pad_token_id or 0)
+    model = build_module(cfg, data.card.num_images("train"), len(tok), tok.pad_token_id or 0, load_init=False)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.test(model, datamodule=data, ckpt_path=str(ckpt), verbose=False)

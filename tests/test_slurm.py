@@ -13,7 +13,8 @@ import torch  # noqa: F401  (imported now: importing it while the job trains wou
 from tests.conftest import ROOT, _report, checkpoint_step
 
 TINY = ["data.batch_size=16", "data.num_workers=0", "model.image_encoder.width=32", "model.text_encoder.width=32",
-        "model.head_hidden=64", "hash.num_negatives=64", "optim.warmup_steps=2", "trainer.log_every_n_steps=5"]
+        "model.head_hidden=64", "hash.num_negatives=64", "optim.warmup_steps=2", "trainer.log_every_n_steps=5",
+        "model.image_encoder.init_steps=2"]
 DDP_CPU = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
 
 

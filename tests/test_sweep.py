@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 
 TINY = ["data.batch_size=16", "data.num_workers=0", "model.image_encoder.width=32", "model.text_encoder.width=32",
         "model.head_hidden=64", "hash.num_negatives=64", "optim.warmup_steps=2", "trainer.max_epochs=1",
-        "data.steps_per_epoch=4"]
+        "data.steps_per_epoch=4", "model.image_encoder.init_steps=2"]
 
 
 def three_bit_lengths(tmp_path):

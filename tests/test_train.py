@@ -9,7 +9,7 @@ from tests.conftest import run_train
 TINY = ["data.batch_size=16", "data.eval_batch_size=32", "data.num_workers=0", "trainer.max_epochs=2",
         "data.steps_per_epoch=4", "model.image_encoder.width=16", "model.text_encoder.width=32",
         "model.head_hidden=32", "hash.num_negatives=64", "trainer.log_every_n_steps=2", "optim.warmup_steps=2",
-        "trainer.ckpt_every_n_steps=3"]
+        "trainer.ckpt_every_n_steps=3", "model.image_encoder.init_steps=2"]
 
 
 def _wandb_log(run_dir) -> bytes:
