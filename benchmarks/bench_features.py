@@ -109,9 +109,11 @@ def main() -> None:
     shapes = build_shapes(args.work / "shapes", train=args.train, val=64, test=64, shard_size=128)
     vocab = json.loads((shapes / "dataset.json").read_text())["tokenizer_vocab_size"]
     hf = save_vit_bert(args.work / "models", vocab)
+    # random-init encoders, trainable unless a setting freezes them: what is timed is the data path
+    scratch = ["model.image_encoder.init=null", "model.image_encoder.freeze=false"]
     backbones = {
-        "cnn + tiny_bert": [],
-        "vit + bert": [f"model.image_encoder.name={hf['image']}", f"model.text_encoder.name={hf['text']}"],
+        "cnn + tiny_bert": scratch,
+        "vit + bert": [*scratch, f"model.image_encoder.name={hf['image']}", f"model.text_encoder.name={hf['text']}"],
     }
     dims = {}
     print(f"{os.cpu_count()} CPUs, {args.threads} torch thread(s), load average {os.getloadavg()[0]:.1f}; "
@@ -134,7 +136,7 @@ def main() -> None:
     settings = []
     for name, overrides in backbones.items():
         out, image_dim, text_dim, _ = dims[name]
-        features = ["model.image_encoder.name=features", f"model.image_encoder.width={image_dim}",
+        features = [*scratch, "model.image_encoder.name=features", f"model.image_encoder.width={image_dim}",
                     "model.text_encoder.name=features", f"model.text_encoder.width={text_dim}"]
         settings += [(name, "pixels, end to end", shapes, overrides, False),
                      (name, "pixels, frozen backbone", shapes, overrides, True),

@@ -59,7 +59,8 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nshapes dataset build: {results['dataset_build_s']:.1f} s (0 when it already existed)")
     for config, seconds in results["backbone_pretrain_s"].items():
-        print(f"{config}: shapes backbone pretraining {seconds:.1f} s (about 2 s of start-up when cached)")
+        print(f"{config}: python -m pipeline.backbone {seconds:.1f} s (pretrains on a machine's first call; "
+              f"start-up only when cached)")
     print()
     print("| run | wall (s) | " + " | ".join(KEYS) + " |\n|" + "---|" * (len(KEYS) + 2))
     for name, r in results["runs"].items():
