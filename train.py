@@ -47,10 +47,10 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     tok = datamodule.tokenizer
-    model = build_module(cfg, datamodule.card.num_images("train"), len(tok), tok.pad_token_id or 0)
-    try:  # feature shards need `features` encoders and pixels need real ones: say so before any data is read
+    try:  # weights that do not fit; feature shards need `features` encoders and pixels need real ones
+        model = build_module(cfg, datamodule.card.num_images("train"), len(tok), tok.pad_token_id or 0)
         check_model_inputs(datamodule.card, model)
-    except DataError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer = build_trainer(cfg, run_dir)

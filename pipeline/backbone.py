@@ -122,5 +122,6 @@ def main(argv=None) -> int:
     print(resolve_init(cfg))
     return 0
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

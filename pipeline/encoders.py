@@ -122,13 +122,14 @@ FEATURES = "features"  # the encoder name that reads precomputed features
 
 def load_weights(encoder: nn.Module, path) -> nn.Module:
     """Load a state_dict file (plain, or under "state_dict" as pipeline.backbone saves it)."""
+    from pipeline.config import ConfigError
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         encoder.load_state_dict(state.get("state_dict", state))
-    except RuntimeError as e:
-        raise ValueError(f"model.image_encoder.init={path}: the weights do not fit this encoder "
-                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
-                         f"check model.image_encoder.width") from None
+    except RuntimeError:
+        raise ConfigError(f"config key 'model.image_encoder.init': the weights in {path} do not fit this "
+                          f"encoder; check model.image_encoder.width") from None
     return encoder
 
 

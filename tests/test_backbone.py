@@ -51,3 +51,15 @@ def test_frozen_encoder_stays_fixed_through_training_steps():
     assert head.weight.grad is not None
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_weights_of_another_width_fail_at_start_up_in_one_line(tmp_path, shapes_tiny):
+    from tests.conftest import run_train
+
+    path = tmp_path / "cnn16.pt"
+    torch.save(SmallCNN(16).state_dict(), path)
+    proc = run_train(["--config", "hash_64bit.yaml", f"data.root={shapes_tiny}", f"run.root={tmp_path}",
+                      f"model.image_encoder.init={path}", "model.image_encoder.width=32"], cwd=tmp_path)
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "model.image_encoder.width" in error and str(path) in error
