@@ -41,13 +41,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     from data_prep.shapes import build_shapes
+    from pipeline.config import load_config
 
     start = time.perf_counter()
     build_shapes(ROOT / "data" / "shapes")
     results = {"dataset_build_s": time.perf_counter() - start, "backbone_pretrain_s": {}, "runs": {}}
     for config in args.configs:
-        from pipeline.config import load_config
-
         if load_config(config).model.image_encoder.init == "shapes":  # made once, like the dataset: timed apart
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "pipeline.backbone", "--config", config], cwd=ROOT, check=True)

@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_prep.fsutil import atomic_open
 from data_prep.shapes import single_object_scene
 from data_prep.shapes_draw import SHAPES, render
 from pipeline.data import image_transform
@@ -77,8 +77,8 @@ def shapes_backbone(width: int, image_size: int, mean, std, steps: int, cache_di
     """Path of the cached backbone for this recipe, pretrained now if it is not there yet.
 
     Every recipe has its own file (the name carries a hash of it), so changing a setting never
-    loads stale weights. Several processes (DDP ranks) may pretrain at once: each writes a
-    temporary file and renames it into place; DDP starts every rank from rank 0's weights anyway."""
+    loads stale weights. Several processes (DDP ranks) may pretrain at once: each writes
+    atomically (data_prep.fsutil); DDP starts every rank from rank 0's weights anyway."""
     made_with = {"width": width, "image_size": image_size, "mean": list(mean), "std": list(std), "steps": steps,
                  "seed": seed, "recipe": RECIPE_VERSION}
     tag = hashlib.sha1(json.dumps(made_with, sort_keys=True).encode()).hexdigest()[:8]
@@ -89,9 +89,8 @@ def shapes_backbone(width: int, image_size: int, mean, std, steps: int, cache_di
     state, accuracy = pretrain(width, image_size, mean, std, steps, seed)
     log.warning("shapes backbone: %.1f%% of held-out shapes named", 100 * accuracy)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"state_dict": state, "made_with": made_with, "holdout_accuracy": accuracy}, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        torch.save({"state_dict": state, "made_with": made_with, "holdout_accuracy": accuracy}, f)
     return path
 
 

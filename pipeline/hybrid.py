@@ -452,8 +452,6 @@ def _row(direction, gallery, method, screener, K, r, cand_recall, ms, screen_ms,
             "time_vs_fine_grained": 100.0 * ms / fg_ms, "timed_queries": timed}
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The shapes backbone (pipeline/backbone.py) and frozen encoders: what `init: shapes, freeze: true` does."""
 import torch
 
+from data_prep.fsutil import TMP_MARK
 from pipeline.backbone import pretrain, resolve_init, shapes_backbone
 from pipeline.config import load_config
 from pipeline.encoders import Frozen, SmallCNN, build_image_encoder
@@ -24,7 +25,7 @@ def test_backbone_is_made_once_per_recipe_and_loads_into_the_encoder(tmp_path):
     assert path.stat().st_mtime_ns == made  # cached: not pretrained again
     other = shapes_backbone(16, 32, MEAN, STD, steps=3, cache_dir=tmp_path)
     assert other != path and other.is_file()  # another recipe, another file: never stale weights
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(f"*{TMP_MARK}*"))  # no temporary file left behind
 
     cfg = load_config("hash_64bit.yaml", ["model.image_encoder.width=16", "data.image_size=32",
                                           "model.image_encoder.init_steps=2", f"data.shapes_dir={tmp_path}/shapes"])
