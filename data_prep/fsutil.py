@@ -23,12 +23,14 @@ def tmp_sibling(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """A binary file that appears under `path` only once the block ends without an error."""
+def atomic_open(path: Path, permissions: int = 0o666) -> Iterator[BinaryIO]:
+    """A binary file that appears under `path` only once the block ends without an error.
+    `permissions` (before the umask) hold from the first byte: 0o600 for a file only its owner
+    may read."""
     path = Path(path)
     tmp = tmp_sibling(path)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions), "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -38,8 +40,8 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_open(path) as f:
+def atomic_write_bytes(path: Path, data: bytes, permissions: int = 0o666) -> None:
+    with atomic_open(path, permissions) as f:
         f.write(data)
 
 

@@ -26,12 +26,14 @@ import csv
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from data_prep.fsutil import atomic_write_bytes
 from pipeline.config import ConfigError, load_config
 from pipeline.submit import (ROOT, SubmitError, add_job_options, check_shape, run_sbatch, sbatch_options,
                              shape_overrides)
@@ -156,6 +158,8 @@ def check_trials(trials: list[dict], args) -> object:
             cfgs.append(load_config(t["config"], t["overrides"]))
         except ConfigError as e:
             raise SubmitError(f"trial {t['id']} ({t['params']}): {e}") from None
+    for c in cfgs:
+        check_shape(c, None, None)  # a count of devices, which SLURM needs
     shapes = {(c.trainer.num_nodes, c.trainer.devices) for c in cfgs}
     if len(shapes) > 1:
         raise SubmitError(f"the trials need different job shapes (num_nodes, devices) {sorted(shapes)}: "
@@ -220,18 +224,24 @@ def submit_agents(sweep: dict, sweep_path: Path, extra: list[str], args, name: s
     return run_sbatch(cmd, args.dry_run)
 
 
+# What a requeued agent job needs to run its trial again as the same W&B run, and nothing else: the
+# API key and every other WANDB_* variable stay out of the file (and out of a tampered file's reach).
+TRIAL_ENV = ("WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_PROJECT", "WANDB_ENTITY")
+_ID_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
 def run_trial(argv: list[str], record: bool = True) -> int:
     """The command a W&B agent runs: `pipeline.sweep --trial train.py --config X k=v ...`.
 
-    Records the arguments and the agent's WANDB_* variables (run id, sweep id) where
-    sweep_agent.sbatch asked, so that a requeued job runs the same trial as the same W&B run;
-    then trains: through slurm/train.sbatch (srun, shape check) in a SLURM job, else directly."""
+    Records the arguments and the run's ids (TRIAL_ENV) where sweep_agent.sbatch asked, readable by
+    this user only, so that a requeued job runs the same trial as the same W&B run; then trains:
+    through slurm/train.sbatch (srun, shape check) in a SLURM job, else directly."""
     config, overrides = split_train_args(argv)
     state = os.environ.get(TRIAL_STATE_ENV)
     if record and state:
+        ids = {k: os.environ[k] for k in TRIAL_ENV if os.environ.get(k)}
         Path(state).parent.mkdir(parents=True, exist_ok=True)
-        wandb_env = {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}
-        Path(state).write_text(json.dumps({"args": [config, *overrides], "env": wandb_env}, indent=2))
+        atomic_write_bytes(Path(state), json.dumps({"args": [config, *overrides], "env": ids}).encode(), 0o600)
     if os.environ.get("SLURM_JOB_ID"):
         cmd = ["bash", str(TRAIN_TEMPLATE), config, *overrides]
     else:
@@ -240,9 +250,15 @@ def run_trial(argv: list[str], record: bool = True) -> int:
 
 
 def resume_trial(state: str) -> int:
+    """Runs the recorded trial again; only TRIAL_ENV names with id-like values are taken from the file."""
     saved = json.loads(Path(state).read_text())
-    os.environ.update(saved["env"])
-    print(f"[sweep] requeued: resuming trial {' '.join(saved['args'])} (W&B run {saved['env'].get('WANDB_RUN_ID')})")
+    env = saved.get("env", {})
+    bad = sorted(k for k, v in env.items() if k not in TRIAL_ENV or not _ID_VALUE.fullmatch(str(v)))
+    if bad:
+        raise SubmitError(f"{state}: refusing to resume a trial whose state sets {', '.join(bad)} "
+                          f"(only {', '.join(TRIAL_ENV)} with id-like values are expected)")
+    os.environ.update({k: str(v) for k, v in env.items()})
+    print(f"[sweep] requeued: resuming trial {' '.join(saved['args'])} (W&B run {env.get('WANDB_RUN_ID')})")
     return run_trial(["--config", *saved["args"]], record=False)
 
 
@@ -389,7 +405,11 @@ def main(argv=None) -> int:
     if argv[:1] == ["--trial"]:
         return run_trial(argv[1:])
     if argv[:1] == ["--resume-trial"]:
-        return resume_trial(argv[1])
+        try:
+            return resume_trial(argv[1])
+        except SubmitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if argv[:1] == ["--trial-args"]:
         print("\n".join(trial_args(argv[1], int(argv[2]))))
         return 0

@@ -1,6 +1,7 @@
 """Sweeps: the W&B sweep file expanded into grid trials, a grid run as a real SLURM array, and --collect."""
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -72,27 +73,45 @@ def test_grid_sweep_runs_as_an_array_and_collects_three_rows(slurm_cluster, shap
     assert collected.count("| hash_bits-00") == 3 and (out / "results.png").is_file()
 
 
-def test_requeued_agent_job_reruns_its_own_trial(tmp_path, monkeypatch):
-    """What slurm/sweep_agent.sbatch relies on: the trial a W&B agent started is recorded with its run id,
-    and `--resume-trial` runs exactly that trial again as that run (no new trial from the sweep)."""
-    from pipeline import sweep as sweep_mod
+SECRET = "dummy-wandb-key-0123456789abcdef0123456789abcdef"
 
-    launched = []
 
-    def fake_run(cmd, **kw):  # records what would be launched, with the W&B variables it would see
-        launched.append((cmd, {k: v for k, v in sweep_mod.os.environ.items() if k.startswith("WANDB_")}))
-        return subprocess.CompletedProcess(cmd, 0)
+def _files_holding(root, needle: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
-    monkeypatch.setattr(sweep_mod.subprocess, "run", fake_run)
-    state = tmp_path / "trial.json"
-    monkeypatch.setenv(sweep_mod.TRIAL_STATE_ENV, str(state))
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    monkeypatch.setenv("WANDB_RUN_ID", "run-abc")
-    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
-    argv = ["train.py", "--config", "hash_64bit.yaml", "model.bits=32"]
-    assert sweep_mod.main(["--trial", *argv]) == 0
-    monkeypatch.setenv("WANDB_RUN_ID", "a-new-run-the-agent-would-start")
-    assert sweep_mod.main(["--resume-trial", str(state)]) == 0
-    (first, env1), (again, env2) = launched
-    assert first == again == ["bash", str(sweep_mod.TRAIN_TEMPLATE), "hash_64bit.yaml", "model.bits=32"]
-    assert env1["WANDB_RUN_ID"] == env2["WANDB_RUN_ID"] == "run-abc" and env2["WANDB_SWEEP_ID"] == "sw1"
+
+def test_agent_trial_writes_no_secret_and_a_requeue_reruns_it_as_the_same_run(tmp_path, shapes_tiny):
+    """What slurm/sweep_agent.sbatch relies on, for real: `--trial` records the trial's arguments and W&B
+    ids (mode 0600, nothing else of the environment) and trains; no file the trial or train.py wrote holds
+    the API key; a tampered state is refused; `--resume-trial` runs the recorded trial as the same W&B run."""
+    state = tmp_path / "state" / "trial.json"
+    env = {**os.environ, "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline", "WANDB_RUN_ID": "trial-run-1",
+           "WANDB_SWEEP_ID": "sw1", "WANDB_BASE_URL": "http://127.0.0.1:9", "FICO_TRIAL_STATE": str(state)}
+    env.pop("SLURM_JOB_ID", None)
+    args = ["train.py", "--config", "hash_64bit.yaml", f"data.root={shapes_tiny}", f"run.root={tmp_path}/runs",
+            f"data.shapes_dir={tmp_path}/data/shapes", *TINY, "trainer.max_epochs=1", "data.steps_per_epoch=2"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--trial", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
+    saved = json.loads(state.read_text())
+    assert saved["env"] == {"WANDB_RUN_ID": "trial-run-1", "WANDB_SWEEP_ID": "sw1"}
+    assert saved["args"] == args[2:]
+    run_dir = tmp_path / "runs" / "hash_64bit"
+    assert (run_dir / "test_metrics.json").is_file() and (run_dir / "wandb_run_id").read_text().strip() == "trial-run-1"
+    assert (run_dir / "wandb").is_dir()
+    assert _files_holding(tmp_path, SECRET.encode()) == []
+
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(json.dumps({**saved, "env": {**saved["env"], "WANDB_BASE_URL": "http://evil"}}))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--resume-trial", str(tampered)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "WANDB_BASE_URL" in proc.stderr, proc.stderr
+
+    env = {k: v for k, v in env.items() if k not in ("WANDB_RUN_ID", "WANDB_SWEEP_ID")}  # a fresh job: no agent ids
+    proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--resume-trial", str(state)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rerun = tmp_path / "runs" / "hash_64bit-2"  # (locally the trial had finished; under SLURM it resumes its folder)
+    assert (rerun / "wandb_run_id").read_text().strip() == "trial-run-1"
+    assert _files_holding(tmp_path, SECRET.encode()) == []
