@@ -13,7 +13,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .entries import Entry, InputError, SkipLog, clean_captions, log, validated
+from .entries import SPLITS, Entry, InputError, SkipLog, clean_captions, image_under, log, validated
 from .karpathy import raw_captions, read_karpathy, usable_entry
 
 
@@ -71,11 +71,12 @@ def coco_entries(karpathy, images_root, instances=(), keep_restval: bool = False
         split = image.get("split", "train")
         if split == "restval" and not keep_restval:
             split = "train"
-        path = Path(images_root) / image.get("filepath", "") / image["filename"]
+        relative = Path(str(image.get("filepath") or "")) / image["filename"]
+        path = image_under(images_root, relative, skips, f"{karpathy}: images[{position}]")
         captions = clean_captions(raw_captions(image), key, skips)
         entries.append(Entry(key, split, path, captions, sorted(labels.get(cid, ())) if instances else None))
     if instances:
         unlabelled = sum(1 for e in entries if not e.labels)
         log.info("%d of %d images have no instance annotation (empty label list)", unlabelled, len(entries))
-    return categories, validated(entries, skips)
+    return categories, validated(entries, skips, SPLITS + ("restval",))
 

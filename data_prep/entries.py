@@ -13,14 +13,15 @@ from pathlib import Path
 
 log = logging.getLogger("data_prep")
 
-SPLIT_ORDER = ["train", "restval", "val", "test"]  # others follow alphabetically
+SPLIT_ORDER = ["train", "restval", "val", "test"]
+SPLITS = ("train", "val", "test")  # what a dataset may hold (COCO's restval too, when kept apart)
 
 
 @dataclass
 class Entry:
     key: str                 # unique in the dataset; becomes __key__ and json["id"]
     split: str
-    image: Path
+    image: Path | None       # None: refused by image_under (outside the images folder)
     captions: list[str]
     labels: list[int] | None = None  # category indices; None = unknown (written as [])
     index: int = -1          # dense position in its split, set once bad images are known
@@ -63,12 +64,33 @@ def clean_captions(captions, key: str, skips: SkipLog) -> list[str]:
     return out
 
 
-def validated(entries, skips: SkipLog) -> list[Entry]:
-    """Drop entries without captions and repeated keys (the first one wins)."""
+def image_under(root, relative, skips: SkipLog, what: str) -> Path | None:
+    """`root/relative` with links followed, when that is a path inside `root`; else None, counted as
+    `outside_images`. An index file (manifest, Karpathy JSON) comes from someone else: a name like
+    `../../x.jpg`, an absolute path or a link out of the folder must not pack another file of this
+    machine into the shards."""
+    base = Path(root).resolve()
+    text = str(relative or "")
+    if text and not Path(text).is_absolute():
+        path = (base / text).resolve()
+        if path.is_relative_to(base) and path != base:
+            return path
+    skips.skip("outside_images", f"{what}: {text!r} is not a path inside {root}")
+    return None
+
+
+def validated(entries, skips: SkipLog, splits=SPLITS) -> list[Entry]:
+    """Drop entries without an image inside the images folder, with a split not in `splits` (a split
+    names shard files: '../x' would write outside the output folder), without captions, and repeated
+    keys (the first one wins)."""
     seen: set[str] = set()
     kept = []
     for entry in entries:
-        if not entry.captions:
+        if entry.image is None:
+            continue  # counted by image_under
+        if entry.split not in splits:
+            skips.skip("bad_split", f"{entry.key}: split {entry.split!r} (allowed: {', '.join(splits)})")
+        elif not entry.captions:
             skips.skip("no_captions", f"{entry.key} ({entry.image})")
         elif entry.key in seen:
             skips.skip("duplicate_id", f"{entry.key} ({entry.image})")

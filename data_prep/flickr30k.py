@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .coco_names import COCO_80
-from .entries import Entry, InputError, SkipLog, clean_captions, safe_key, validated
+from .entries import SPLITS, Entry, InputError, SkipLog, clean_captions, image_under, safe_key, validated
 from .karpathy import raw_captions, read_karpathy, usable_entry
 from .labels_file import load_labels, row_to_indices
 
@@ -61,6 +61,6 @@ def flickr30k_entries(karpathy, images_dir, labels=None, labels_split: str = "al
             continue
         key = "flickr30k_" + safe_key(Path(image["filename"]).stem)
         captions = clean_captions(raw_captions(image), key, skips)
-        entries.append(Entry(key, image.get("split", "train"), Path(images_dir) / image["filename"],
-                             captions, row))
-    return categories, validated(entries, skips)
+        path = image_under(images_dir, image["filename"], skips, f"{karpathy}: images[{position}]")
+        entries.append(Entry(key, image.get("split", "train"), path, captions, row))
+    return categories, validated(entries, skips, SPLITS)

@@ -3,7 +3,9 @@
     {"path": "img/0001.jpg", "captions": ["...", ...], "labels": [3, 7], "split": "train", "id": "0001"}
 
 Only `path` and `captions` are required; captions may number anything from
-one up. Labels are category indices, or names from `--categories`, or with
+one up. `path` is relative to the images folder: an absolute path, or one that
+leads outside it (`..`, a link), is skipped and counted as `outside_images`;
+`split` is train, val or test (anything else is skipped as `bad_split`). Labels are category indices, or names from `--categories`, or with
 `label_format="multihot"` 0/1 rows as wide as the category list. Images
 without a `split` are shuffled with `seed` and cut by `fractions`
 (train, val, test), so the assignment does not depend on the line order.
@@ -14,10 +16,8 @@ import json
 import random
 from pathlib import Path
 
-from .entries import Entry, InputError, SkipLog, clean_captions, safe_key, validated
+from .entries import SPLITS, Entry, InputError, SkipLog, clean_captions, image_under, safe_key, validated
 from .flickr30k import read_category_names
-
-SPLITS = ("train", "val", "test")
 
 
 def _read_lines(path: Path, skips: SkipLog) -> list[tuple[int, dict]]:
@@ -110,9 +110,8 @@ def manifest_entries(jsonl, images_dir, categories_file=None, fractions=(0.8, 0.
             continue
         captions = row.get("captions")
         captions = [captions] if isinstance(captions, str) else captions
-        split = row.get("split") or ""
-        entries.append(Entry(key, split, Path(images_dir) / row["path"],
-                             clean_captions(captions, key, skips), labels))
-    entries = validated(entries, skips)
+        image = image_under(images_dir, row["path"], skips, f"{jsonl}:{number} ({key})")
+        entries.append(Entry(key, row.get("split") or "", image, clean_captions(captions, key, skips), labels))
+    entries = validated(entries, skips, SPLITS + ("",))  # "": no split given, assigned below
     assign_splits(entries, fractions, seed)
     return categories, entries

@@ -387,3 +387,66 @@ def test_manifest_multihot_width(tmp_path):
     assert card["categories"] == ["class_0", "class_1", "class_2"]
     assert card["skipped"] == {"label_width": 2}
     assert [s["json"]["labels"] for s in read_split(tmp_path / "out", "train")] == [[0, 2], [1]]
+
+
+# ---- files from someone else: nothing read outside --images, nothing written outside --out ----------
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _all_record_bytes(out: Path) -> list[bytes]:
+    card = read_card(out)
+    urls = [str(out / s) for e in card["splits"].values() for s in e["shards"]]
+    return [r["jpg"] for r in wds.WebDataset(urls, shardshuffle=False)]
+
+
+def test_manifest_paths_and_splits_cannot_escape_their_folders(tmp_path):
+    rng = np.random.default_rng(5)
+    images, secret = tmp_path / "share" / "imgs", tmp_path / "private"
+    write_image(secret / "secret.jpg", "ok", rng)
+    secret_bytes = (secret / "secret.jpg").read_bytes()
+    for i in range(4):
+        write_image(images / f"{i}.jpg", "ok", rng)
+    (images / "link.jpg").symlink_to(secret / "secret.jpg")  # a link out of the folder
+    rows = [{"path": f"{i}.jpg", "captions": [f"fine {i}"], "split": "train"} for i in range(2)]
+    rows += [{"path": "../../private/secret.jpg", "captions": ["up and out"]},
+             {"path": str(secret / "secret.jpg"), "captions": ["absolute"]},
+             {"path": "link.jpg", "captions": ["through a link"]},
+             {"path": "2.jpg", "captions": ["a split that climbs"], "split": "../../../escaped"},
+             {"path": "3.jpg", "captions": ["an absolute split"], "split": str(tmp_path / "abs")}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    before = _tree(tmp_path)
+    out = tmp_path / "out"
+    assert cli(["manifest", "--jsonl", str(tmp_path / "m.jsonl"), "--images", str(images), "--out", str(out),
+                "--workers", "1", "--no-progress"]) == 0
+    card = read_card(out)
+    assert card["skipped"] == {"outside_images": 3, "bad_split": 2}
+    assert sum(e["num_images"] for e in card["splits"].values()) == 2
+    assert secret_bytes not in _all_record_bytes(out)
+    assert {p for p in _tree(tmp_path) - before if not p.startswith("out")} == set()  # nothing written beside out
+    assert set(card["splits"]) <= {"train", "val", "test"}
+
+
+def test_karpathy_file_names_cannot_escape_the_images_folder(tmp_path):
+    rng = np.random.default_rng(6)
+    images = tmp_path / "images"
+    write_image(tmp_path / "outside.jpg", "ok", rng)
+    write_image(images / "ok.jpg", "ok", rng)
+    entries = [{"filename": "ok.jpg", "split": "train", "sentences": [{"raw": "inside"}]},
+               {"filename": "../outside.jpg", "split": "train", "sentences": [{"raw": "dot dot"}]},
+               {"filename": str(tmp_path / "outside.jpg"), "split": "test", "sentences": [{"raw": "absolute"}]},
+               {"filename": "ok.jpg", "split": "../../x", "sentences": [{"raw": "split out"}]}]
+    (tmp_path / "f30k.json").write_text(json.dumps({"images": entries}))
+    out = tmp_path / "out"
+    before = _tree(tmp_path)
+    assert cli(["flickr30k", "--karpathy", str(tmp_path / "f30k.json"), "--images", str(images), "--out", str(out),
+                "--workers", "1", "--no-progress"]) == 0
+    card = read_card(out)
+    assert card["skipped"] == {"outside_images": 2, "bad_split": 1}
+    assert (tmp_path / "outside.jpg").read_bytes() not in _all_record_bytes(out)
+    assert {p for p in _tree(tmp_path) - before if not p.startswith("out")} == set()
+    coco = [{"filename": "x.jpg", "filepath": "/etc", "cocoid": 1, "split": "train", "sentences": [{"raw": "a"}]}]
+    (tmp_path / "coco.json").write_text(json.dumps({"images": coco}))
+    assert cli(["coco", "--karpathy", str(tmp_path / "coco.json"), "--images", str(images),
+                "--out", str(tmp_path / "coco_out"), "--workers", "1", "--no-progress"]) == 1  # nothing usable
