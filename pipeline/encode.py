@@ -16,6 +16,7 @@ is run once untimed (allocator and kernel warm-up), and on CUDA the clock waits 
 """
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +94,21 @@ def load_run(run_dir, data_root: str | None = None, num_workers: int | None = No
         raise RunError(f"{path}: no checkpoints/{checkpoint}.ckpt or last.ckpt")
     tok = dm.tokenizer
     module = build_module(cfg, dm.card.num_images("train"), len(tok), tok.pad_token_id or 0, load_init=False)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(load_checkpoint(ckpt)["state_dict"], strict=True)
     module.eval()
     return Run(path, cfg.run.name or path.name, cfg, module, dm, ckpt)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as plain data: tensors, dicts, lists, strings and numbers only (weights_only), so that a
+    run folder from someone else cannot run code here; anything else is refused in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = str(e).split("Unsupported global: ")[-1].split(" was not")[0].strip()[:120]
+        raise RunError(f"{path}: refused: it holds Python objects beyond tensors and plain data ({what}), and "
+                       f"unpickling them could run code; only load such a file if you trust where it came "
+                       f"from") from None
 
 
 @dataclass

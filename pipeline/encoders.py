@@ -6,6 +6,7 @@ pieces) are there for token-level alignment objectives.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -124,9 +125,12 @@ def load_weights(encoder: nn.Module, path) -> nn.Module:
     """Load a state_dict file (plain, or under "state_dict" as pipeline.backbone saves it)."""
     from pipeline.config import ConfigError
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
     try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
         encoder.load_state_dict(state.get("state_dict", state))
+    except pickle.UnpicklingError:
+        raise ConfigError(f"config key 'model.image_encoder.init': refused {path}: it holds Python objects beyond "
+                          f"tensors and plain data, and unpickling them could run code") from None
     except RuntimeError:
         raise ConfigError(f"config key 'model.image_encoder.init': the weights in {path} do not fit this "
                           f"encoder; check model.image_encoder.width") from None

@@ -21,9 +21,10 @@ Memory: the inputs, the [nq, k] outputs and per-thread candidate buffers of 2k +
 for each of up to 16 queries scanned together (fewer when k is large: ~12 MB per thread).
 
 Build. The C source is compiled once per machine type (``cc -O3 -march=native``) into
-``$FICO_CACHE_DIR`` (default ``~/.cache/fico_pipeline``), keyed by the source, the flags
-and the CPU's feature flags, so a shared home on a heterogeneous cluster never loads a
-library built for another CPU. Without a C compiler (or with ``FICO_HAMMING_BACKEND=torch``)
+``$FICO_CACHE_DIR`` (default ``~/.cache/fico_pipeline``, kept at mode 0700), keyed by the
+source, the flags and the CPU's feature flags, so a shared home on a heterogeneous cluster
+never loads a library built for another CPU; a library that is not the user's own, or that
+others may write, is refused (it would run inside the process). Without a C compiler (or with ``FICO_HAMMING_BACKEND=torch``)
 the same results come from ``topk_search``, just slower; ``backend()`` says which is in use.
 Queries are split across threads (ctypes releases the GIL): ``num_threads`` defaults to
 torch's intra-op thread count.
@@ -163,15 +164,41 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _cache_dir() -> Path:
+    """The kernel's build folder, private to this user (mode 0700): a shared writable folder would let
+    someone else's library run inside this process."""
+    cache = Path(os.environ.get("FICO_CACHE_DIR", Path.home() / ".cache" / "fico_pipeline"))
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = cache.stat()
+    if st.st_uid != os.getuid():
+        raise RuntimeError(f"{cache} belongs to another user (uid {st.st_uid}): set FICO_CACHE_DIR to a folder of yours")
+    if st.st_mode & 0o077:
+        cache.chmod(0o700)  # ours, made before this rule (or by a umask): close it
+    return cache
+
+
+def _library_path() -> Path:
+    """Where the kernel for this source, compiler and CPU lives (a heterogeneous cluster sharing a home
+    never loads a library built for another CPU)."""
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\0".join([_C_SOURCE, cc, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"hamming_topk_{key}.so"
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a library this user does not own or that others may write."""
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"refusing to load {path}: it is not owned by this user or others may write it "
+                           f"(uid {st.st_uid}, mode {oct(st.st_mode & 0o777)}); delete it to rebuild")
+
+
 def _compile() -> ctypes.CDLL:
     cc = os.environ.get("CC", "cc")
     flag_sets = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
-    key = hashlib.sha256("\0".join([_C_SOURCE, cc, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("FICO_CACHE_DIR", Path.home() / ".cache" / "fico_pipeline"))
-    lib_path = cache / f"hamming_topk_{key}.so"
+    lib_path = _library_path()
     if not lib_path.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
             src = Path(tmp) / "hamming_topk.c"
             src.write_text(_C_SOURCE)
             errors = []
@@ -180,11 +207,13 @@ def _compile() -> ctypes.CDLL:
                 proc = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(out), str(src)],
                                       capture_output=True, text=True, timeout=120)
                 if proc.returncode == 0:
+                    out.chmod(0o700)
                     os.replace(out, lib_path)  # atomic: concurrent builders never see a partial file
                     break
                 errors.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else str(flags))
             else:
                 raise RuntimeError("; ".join(errors))
+    _check_private(lib_path)
     lib = ctypes.CDLL(str(lib_path))
     fn = lib.hamming_topk
     fn.restype = ctypes.c_int

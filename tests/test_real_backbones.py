@@ -96,7 +96,7 @@ def test_real_config_trains_end_to_end_on_local_backbones(tmp_path, backbones, m
     assert saved["data"]["image_size"] == IMAGE_SIZE  # the override; the backbone's own normalisation stays
     assert saved["data"]["mean"][0] == pytest.approx({"vit": 0.5, "clip": 0.48145466}[image])
     # the backbone itself was loaded from disk and fine-tuned (not only the heads)
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     pretrained = load_file(backbones[image] / "model.safetensors")
     key = weight.removeprefix("image_encoder.model.")
     before = pretrained[key] if key in pretrained else pretrained["vision_model." + key]

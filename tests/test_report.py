@@ -160,3 +160,19 @@ def test_full_query_sets_path_runs_every_query_and_matches_faiss():
                                                                                     ("t2i", 1500, False)}
     flat = [r for r in rows if r["method"] == "faiss IndexFlatIP"]
     assert len(flat) == 2 and all(r["recall@k"] == pytest.approx(1.0) for r in flat)
+
+
+def test_a_checkpoint_that_needs_unpickling_is_refused(tiny_runs, tmp_path):
+    """A run folder from someone else: loading its checkpoint must not run code (weights_only)."""
+    import argparse
+    import shutil
+
+    from pipeline.encode import RunError, load_run
+
+    run = tmp_path / "shared_run"
+    shutil.copytree(tiny_runs["hash_64bit"], run)
+    good = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)  # ours load as plain data
+    torch.save({**good, "payload": argparse.Namespace(cmd="touch /tmp/owned")}, run / "checkpoints" / "best.ckpt")
+    with pytest.raises(RunError, match="refused") as err:
+        load_run(run)
+    assert "\n" not in str(err.value) and "Namespace" in str(err.value)
