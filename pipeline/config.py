@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -99,15 +99,15 @@ class OptimConfig:
 class TrainerConfig:
     max_epochs: int = 10
     max_steps: int = -1
-    accelerator: str = "auto"
-    devices: int = 1
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps | tpu
+    devices: Any = 1  # as Lightning takes it: a count, -1 (all), "auto", "0,1", or a list of device indices
     num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork | fsdp | deepspeed ... (Lightning's names)
+    precision: str = "32-true"  # Lightning's: 32-true | bf16-mixed | 16-mixed | 64-true | bf16-true | 32 | bf16 ...
     log_every_n_steps: int = 10
     ckpt_every_n_steps: int = 200  # periodic last.ckpt against crashes and SIGTERM pre-emption
-    limit_val_batches: Optional[float] = None
-    limit_test_batches: Optional[float] = None
+    limit_val_batches: Any = None  # None: all; a fraction in (0, 1] or a number of batches
+    limit_test_batches: Any = None
 
 
 @dataclass
@@ -126,7 +126,8 @@ class RunConfig:
     id: Optional[str] = None  # fixed run id (resume it); default: from the SLURM job id or the name
     seed: int = 0
     train: bool = True  # false: evaluate the randomly initialised model (the untrained baseline)
-    monitor: Optional[str] = None  # default: val/i2t_mAP@N (hash) or val/rsum (fine_grained)
+    monitor: Optional[str] = None  # default: val/i2t_mAP@N (hash; val/rsum when val has no labels) or val/rsum
+    allow_changes: list[str] = field(default_factory=list)  # keys a resume may change, e.g. [trainer.max_epochs]
 
 
 @dataclass
@@ -145,9 +146,23 @@ class Config:
 CHOICES = {
     "model.kind": ("hash", "fine_grained"),
     "model.text_encoder.pooling": ("cls", "mean"),
+    "model.image_encoder.pooling": ("cls", "mean"),
     "align.loss": ("infonce", "vse_max_violation"),
     "optim.schedule": ("cosine", "constant"),
     "logger.mode": (None, "online", "offline", "disabled"),
+    # What Lightning 2.x accepts (tests/test_config.py compares these with Lightning's own lists), kept
+    # here so that a typo fails before torch and Lightning are even imported.
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+    "trainer.precision": ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
+                          "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16"),
+    "trainer.strategy": ("auto", "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true",
+                         "ddp_fork", "ddp_fork_find_unused_parameters_false", "ddp_fork_find_unused_parameters_true",
+                         "ddp_notebook", "ddp_notebook_find_unused_parameters_false",
+                         "ddp_notebook_find_unused_parameters_true", "ddp_spawn",
+                         "ddp_spawn_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true",
+                         "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+                         "deepspeed_stage_3", "deepspeed_stage_3_offload", "deepspeed_stage_3_offload_nvme", "fsdp",
+                         "fsdp_cpu_offload", "single_device", "single_tpu", "single_xla", "xla", "xla_debug"),
 }
 
 
@@ -209,6 +224,10 @@ def _parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. optim.lr=3e-4)")
         key, raw = item.split("=", 1)
+        if key.strip() == "base":
+            raise ConfigError("'base' cannot be set on the command line (it names a YAML file's parent): train "
+                              "another experiment with --config NAME.yaml, or write a YAML file with "
+                              "`base: NAME.yaml` and your changes")
         value = yaml.safe_load(raw) if raw else None
         node = nested
         parts = key.strip().split(".")
@@ -235,37 +254,128 @@ def load_config(name: str, overrides: list[str] | None = None) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Values the types allow but the pipeline cannot run with."""
+    """Values the types allow but the pipeline (or Lightning, later) cannot run with."""
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, allowed))}")
-    checks: list[tuple[bool, str, str]] = [
-        (cfg.model.bits > 0 and cfg.model.bits % 8 == 0, "model.bits",
-         f"must be a positive multiple of 8 (codes are packed into bytes), got {cfg.model.bits}"),
-        (cfg.model.embed_dim > 0, "model.embed_dim", "must be positive"),
-        (cfg.data.batch_size > 1, "data.batch_size", "must be at least 2 (contrastive losses need negatives)"),
-        (cfg.data.eval_batch_size > 0, "data.eval_batch_size", "must be positive"),
-        (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
-        (len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean/std", "need 3 values (RGB)"),
-        (cfg.optim.lr > 0, "optim.lr", "must be positive"),
-        (0.0 <= cfg.hash.alpha <= 1.0, "hash.alpha", "must be in [0, 1]"),
-        (0.0 <= cfg.hash.momentum < 1.0, "hash.momentum", "must be in [0, 1)"),
-        (cfg.hash.num_negatives > 0, "hash.num_negatives", "must be positive"),
-        (cfg.trainer.devices > 0 and cfg.trainer.num_nodes > 0, "trainer.devices/num_nodes", "must be positive"),
-        (cfg.model.image_encoder.init is None or cfg.model.image_encoder.name == "cnn", "model.image_encoder.init",
-         "loads weights into the cnn only (transformers models load theirs by name); set it to null"),
-        (cfg.model.image_encoder.init in (None, "shapes") or Path(cfg.model.image_encoder.init).expanduser().is_file(),
-         "model.image_encoder.init", f"is {cfg.model.image_encoder.init!r}: no such file; give a weights file, "
-         "\"shapes\" (the built-in shapes backbone) or null"),
-        (cfg.model.text_encoder.init is None, "model.text_encoder.init",
-         "is for the image cnn only; text models load their weights by name"),
-        (cfg.model.image_encoder.init_steps > 0, "model.image_encoder.init_steps", "must be positive"),
-        (cfg.trainer.ckpt_every_n_steps >= 0, "trainer.ckpt_every_n_steps", "must be >= 0 (0 disables)"),
-    ]
-    for ok, key, why in checks:
+    for ok, key, why in _checks(cfg):
         if not ok:
             raise ConfigError(f"config key '{key}' {why}")
+
+
+def _checks(cfg: DictConfig) -> list[tuple[bool, str, str]]:
+    d, m, h, a, o, t, r = cfg.data, cfg.model, cfg.hash, cfg.align, cfg.optim, cfg.trainer, cfg.run
+    img, txt = m.image_encoder, m.text_encoder
+    checks = [
+        (d.batch_size > 1, "data.batch_size", "must be at least 2 (contrastive losses need negatives)"),
+        (d.eval_batch_size > 0, "data.eval_batch_size", "must be positive"),
+        (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
+        (d.steps_per_epoch is None or d.steps_per_epoch >= 1, "data.steps_per_epoch", "must be null or >= 1"),
+        (d.image_size > 0, "data.image_size", "must be positive"),
+        (d.max_text_len > 1, "data.max_text_len", "must be at least 2 (the special tokens)"),
+        (len(d.mean) == 3 and len(d.std) == 3, "data.mean/std", "need 3 values (RGB)"),
+        (all(v > 0 for v in d.std), "data.std", "must be positive"),
+        (m.bits > 0 and m.bits % 8 == 0, "model.bits",
+         f"must be a positive multiple of 8 (codes are packed into bytes), got {m.bits}"),
+        (m.embed_dim > 0, "model.embed_dim", "must be positive"),
+        (m.head_hidden > 0, "model.head_hidden", "must be positive"),
+        (0.0 <= h.alpha <= 1.0, "hash.alpha", "must be in [0, 1]"),
+        (h.tau > 0, "hash.tau", "must be positive"),
+        (0.0 <= h.momentum < 1.0, "hash.momentum", "must be in [0, 1)"),
+        (h.num_negatives > 0, "hash.num_negatives", "must be positive"),
+        (h.margin >= 0 and h.shift >= 0, "hash.margin/shift", "must be >= 0"),
+        (h.warmup_epochs >= 0, "hash.warmup_epochs", "must be >= 0"),
+        (h.label_weight >= 0 and h.label_scale > 0, "hash.label_weight/label_scale", "must be >= 0 / positive"),
+        (a.init_temperature > 0, "align.init_temperature", "must be positive"),
+        (a.max_logit_scale >= 1.0 / a.init_temperature, "align.max_logit_scale",
+         "must be at least 1 / align.init_temperature (the starting scale)"),
+        (a.margin >= 0, "align.margin", "must be >= 0"),
+        (o.lr > 0, "optim.lr", "must be positive"),
+        (o.weight_decay >= 0 and o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.weight_decay/warmup_steps/grad_clip",
+         "must be >= 0"),
+        (t.max_epochs >= -1 and t.max_steps >= -1, "trainer.max_epochs/max_steps", "must be >= -1 (-1: no limit)"),
+        (t.num_nodes > 0, "trainer.num_nodes", "must be positive"),
+        (devices_ok(t.devices), "trainer.devices",
+         f"is {t.devices!r}; Lightning takes a count (1, 2, ...), -1 (all), \"auto\", \"0,1\" or a list [0, 1]"),
+        (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1"),
+        (t.ckpt_every_n_steps >= 0, "trainer.ckpt_every_n_steps", "must be >= 0 (0 disables)"),
+        (limit_ok(t.limit_val_batches), "trainer.limit_val_batches",
+         "must be null, a fraction in (0, 1] or a number of batches >= 1"),
+        (limit_ok(t.limit_test_batches), "trainer.limit_test_batches",
+         "must be null, a fraction in (0, 1] or a number of batches >= 1"),
+        (0 <= r.seed < 2**32, "run.seed", "must be in [0, 2**32)"),
+        (bool(r.root), "run.root", "must name a folder"),
+        (r.monitor is None or str(r.monitor).startswith("val/"), "run.monitor",
+         "must be a validation metric, e.g. val/rsum or val/i2t_mAP@N"),
+        (not (unknown := [k for k in r.allow_changes if not _is_key(k)]), "run.allow_changes",
+         f"names unknown keys: {unknown}"),
+    ]
+    for side, enc in (("image", img), ("text", txt)):
+        checks += [
+            (bool(enc.name), f"model.{side}_encoder.name", "must name an encoder"),
+            (enc.width > 0 and enc.layers > 0 and enc.heads > 0, f"model.{side}_encoder.width/layers/heads",
+             "must be positive"),
+            (enc.name != "tiny_bert" or enc.width % enc.heads == 0, f"model.{side}_encoder.heads",
+             f"must divide model.{side}_encoder.width ({enc.width})"),
+        ]
+    checks += [
+        (img.init is None or img.name == "cnn", "model.image_encoder.init",
+         "loads weights into the cnn only (transformers models load theirs by name); set it to null"),
+        (img.init in (None, "shapes") or Path(img.init).expanduser().is_file(), "model.image_encoder.init",
+         f"is {img.init!r}: no such file; give a weights file, \"shapes\" (the built-in shapes backbone) or null"),
+        (txt.init is None, "model.text_encoder.init", "is for the image cnn only; text models load their weights by name"),
+        (img.init_steps > 0, "model.image_encoder.init_steps", "must be positive"),
+    ]
+    return checks
+
+
+def devices_ok(devices) -> bool:
+    """What Lightning's Trainer(devices=...) accepts."""
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return True
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) == 1:
+            return parts[0].isdigit() and int(parts[0]) >= 1
+        return all(p.isdigit() for p in parts if p) and any(parts)
+    if isinstance(devices, (list, ListConfig)):
+        return len(devices) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in devices)
+    return False
+
+
+def limit_ok(limit) -> bool:
+    if limit is None:
+        return True
+    if isinstance(limit, bool):
+        return False
+    if isinstance(limit, int):
+        return limit >= 1
+    return isinstance(limit, float) and 0.0 < limit <= 1.0
+
+
+def _is_key(dotted: str) -> bool:
+    node: Any = Config
+    for part in dotted.split("."):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return False
+        f = fields[part]
+        node = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        node = type(node) if dataclasses.is_dataclass(node) else node
+    return True
+
+
+def trainer_devices(cfg):
+    """trainer.devices as Lightning takes it (a YAML list arrives as an OmegaConf ListConfig)."""
+    devices = cfg.trainer.devices
+    return list(devices) if isinstance(devices, ListConfig) else devices
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -72,6 +72,9 @@ def shape_overrides(overrides: list[str], nodes: int | None, gpus_per_node: int 
 def check_shape(cfg, ntasks_per_node: int | None, nodes: int | None) -> None:
     """The SLURM job shape must be the Trainer's: tasks per node = devices, nodes = num_nodes."""
     t = cfg.trainer
+    if isinstance(t.devices, bool) or not isinstance(t.devices, int) or t.devices < 1:
+        raise SubmitError(f"trainer.devices={t.devices}: a SLURM job starts one task per device and needs their "
+                          f"number; set trainer.devices=N (e.g. --gpus-per-node N)")
     if ntasks_per_node is not None and ntasks_per_node != t.devices:
         raise SubmitError(f"--ntasks-per-node={ntasks_per_node} but trainer.devices={t.devices}: SLURM starts one "
                           f"task per device, so they must be equal (set trainer.devices={ntasks_per_node} "

@@ -45,6 +45,18 @@ def test_config_by_path_with_relative_base(tmp_path):
     (["model.image_encoder.name=google/vit-base-patch16-224"], "model.image_encoder.init"),
     (["model.text_encoder.init=shapes"], "model.text_encoder.init"),
     (["model.image_encoder.init_steps=0"], "model.image_encoder.init_steps"),
+    (["trainer.precision=bf17"], "trainer.precision"),
+    (["trainer.devices=0"], "trainer.devices"),
+    (["trainer.devices=[0,-1]"], "trainer.devices"),
+    (["trainer.strategy=dpp"], "trainer.strategy"),
+    (["trainer.accelerator=gpus"], "trainer.accelerator"),
+    (["trainer.limit_val_batches=1.5"], "trainer.limit_val_batches"),
+    (["base=fine_grained.yaml"], "'base' cannot be set on the command line"),
+    (["run.allow_changes=[optim.lrr]"], "run.allow_changes"),
+    (["run.monitor=rsum"], "run.monitor"),
+    (["model.text_encoder.heads=3"], "must divide model.text_encoder.width"),
+    (["hash.tau=0"], "hash.tau"),
+    (["data.steps_per_epoch=0"], "data.steps_per_epoch"),
 ])
 def test_bad_configs_fail_in_one_line_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as err:
@@ -60,3 +72,26 @@ def test_missing_config_and_loop(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(str(tmp_path / "a.yaml"))
+
+
+@pytest.mark.parametrize("given, devices", [("1", 1), ("4", 4), ("-1", -1), ("auto", "auto"), ("'2'", "2"),
+                                            ("0,1", "0,1"), ("[0,1]", [0, 1])])
+def test_devices_as_lightning_takes_them(given, devices):
+    assert load_config("hash_64bit.yaml", [f"trainer.devices={given}"]).trainer.devices == devices
+
+
+def test_choice_lists_are_lightnings_own():
+    """The accelerator, strategy and precision lists we check at start-up (before Lightning is imported)
+    are what this Lightning accepts: an upgrade that adds or drops one fails here, not in a user's run."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from pipeline.config import CHOICES
+
+    precisions = {str(v) for lit in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(lit)}
+    assert set(CHOICES["trainer.precision"]) == precisions
+    assert set(CHOICES["trainer.strategy"]) == set(StrategyRegistry.available_strategies()) | {"auto"}
+    assert set(CHOICES["trainer.accelerator"]) == set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu"}
