@@ -1,8 +1,8 @@
 """The dataset card: `dataset.json` next to the shards.
 
 Field names are a contract with `pipeline.data` (see DESIGN.md):
-name, version, categories, image_key, tokenizer, splits{shards, num_images,
-num_captions}, made_with, skipped. Shard paths are relative to the card's folder.
+name, version, categories, image_key, tokenizer, splits{shards, shard_sizes,
+num_images, num_captions, num_without_labels}, made_with, skipped. Shard paths are relative to the card's folder.
 """
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ CARD_NAME = "dataset.json"
 CARD_VERSION = 1
 
 
-def split_entry(shards: list[str], num_images: int, num_captions: int) -> dict:
-    return {"shards": list(shards), "num_images": int(num_images), "num_captions": int(num_captions)}
+def split_entry(shards: list[str], num_images: int, num_captions: int, shard_sizes: list[int] | None = None) -> dict:
+    """One split of the card; `shard_sizes` (records per shard, in shard order) lets training cut an epoch
+    into equal runs without reading the shards first."""
+    return {"shards": list(shards), "num_images": int(num_images), "num_captions": int(num_captions),
+            "shard_sizes": [int(n) for n in shard_sizes or []]}
 
 
 def make_card(name: str, categories: list[str], image_key: str, splits: dict,

@@ -151,6 +151,7 @@ def build_shapes(out_dir, seed: int = 0, train: int = 10000, val: int = 1000, te
             for job, captions in zip(jobs, pool.map(write_shapes_shard, jobs)):
                 split = job[2]
                 splits[split]["shards"].append(shard_name(split, job[3]))
+                splits[split]["shard_sizes"].append(job[5] - job[4])
                 splits[split]["num_captions"] += len(captions)
                 if split == "train":
                     train_captions += captions

@@ -238,6 +238,7 @@ def split_summary(tasks: list[ShardTask], out_dir: Path) -> dict:
         entry = splits.setdefault(task.split, cardlib.split_entry([], 0, 0))
         entry.setdefault("num_without_labels", 0)
         entry["shards"].append(task.name)
+        entry["shard_sizes"].append(stats["records"])
         entry["num_images"] += stats["records"]
         entry["num_captions"] += stats["captions"]
         entry["num_without_labels"] += stats["without_labels"]

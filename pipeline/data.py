@@ -18,11 +18,13 @@ so batches carry `images` [B, D] and `text` = {"features": [N, D]} for `features
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
 import multiprocessing as mp
 import random
+import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,35 @@ class DatasetCard:
     def num_images(self, split: str) -> int:
         return int(self.splits[split]["num_images"])
 
+    def shard_sizes(self, split: str) -> dict[str, int]:
+        """Records per shard (path -> count), from the card, or counted in the tars for older cards."""
+        urls = self.shards(split)
+        sizes = self.splits[split].get("shard_sizes")
+        if sizes is None or len(sizes) != len(urls):
+            sizes = [count_records(u) for u in urls]
+            self.splits[split]["shard_sizes"] = sizes  # once per process
+        return dict(zip(urls, map(int, sizes)))
+
+    def labelled(self, split: str) -> bool:
+        """Whether the split's records carry category labels (category-level mAP needs them)."""
+        entry = self.splits.get(split, {})
+        return bool(self.categories) and int(entry.get("num_without_labels", 0)) < int(entry.get("num_images", 0))
+
+
+def count_records(tar_path: str) -> int:
+    """Records in a shard: distinct keys of its members (webdataset's grouping; headers only, the data
+    is skipped). A damaged tar counts what it holds up to the damage."""
+    keys = set()
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.isfile():  # key = the name up to the first dot after the last slash
+                    dot = member.name.find(".", member.name.rfind("/") + 1)
+                    keys.add(member.name[:dot] if dot >= 0 else member.name)
+    except (tarfile.TarError, OSError) as e:
+        log.warning("%s: counted %d records before %s", tar_path, len(keys), e)
+    return len(keys)
+
 
 class SharedEpoch:
     """The epoch number in shared memory, so that persistent workers see it change."""
@@ -106,15 +137,76 @@ def _stream_seed(seed: int, epoch: int, rank: int) -> int:
     return hash((seed, epoch, rank, worker)) & 0x7FFFFFFF
 
 
-def resampled_shards(urls: list[str], seed: int, epoch: SharedEpoch, rank: int) -> Callable[[], Iterator[dict]]:
-    """An endless stream of shards drawn with replacement (every rank and worker its own draw)."""
+def shard_runs(sizes: dict[str, int], streams: int, seed: int, epoch: int) -> list[list[tuple[str, int, int]]]:
+    """One pass over the training records cut into `streams` runs of equal length (within one record).
+
+    The shards are put in a seeded order (the same on every rank, new every epoch and pass) and laid
+    end to end; run s is the records [s * total / streams, (s + 1) * total / streams) of that
+    sequence, as (shard, first record, end record) pieces. So every record is in exactly one run,
+    whether shards outnumber the streams or not (the shapes set has 10 training shards: with 8 ranks
+    x 2 workers most runs are part of a shard, and a shard is read by the runs that share it), and a
+    short last shard only shortens the sequence."""
+    order = list(sizes)
+    random.Random(f"shard-order/{seed}/{epoch}").shuffle(order)
+    total = sum(sizes[u] for u in order)
+    runs: list[list[tuple[str, int, int]]] = [[] for _ in range(streams)]
+    start = 0  # position of the current shard's first record in the sequence
+    for url in order:
+        end = start + sizes[url]
+        for s in range(start * streams // max(total, 1), streams):
+            lo, hi = max(start, total * s // streams), min(end, total * (s + 1) // streams)
+            if lo >= hi:
+                if total * s // streams >= end:
+                    break
+                continue
+            runs[s].append((url, lo - start, hi - start))
+        start = end
+    return runs
+
+
+def epoch_records(sizes: dict[str, int], seed: int, epoch: SharedEpoch, rank: int, world: int, handler,
+                  fixed_steps: bool) -> Callable[[], Iterator[dict]]:
+    """This rank-and-worker's share of an epoch: its run of `shard_runs`, record by record.
+
+    By default one pass: every training record once across all ranks and workers (UCCH's memory bank
+    expects every item to be visited once an epoch), after which `PadForever` tops the last batch up.
+    With `fixed_steps` (data.steps_per_epoch) pass follows pass, each in a fresh order, until the
+    loader has its steps."""
 
     def stream():
-        rng = random.Random(_stream_seed(seed, epoch.get(), rank))
-        while True:
-            yield {"url": rng.choice(urls)}
+        worker, workers = _worker()
+        streams, me = world * workers, rank * workers + worker
+        for p in itertools.count() if fixed_steps else (0,):
+            for url, first, end in shard_runs(sizes, streams, seed, epoch.get() * 1_000_003 + p)[me]:
+                samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
+                for position, sample in enumerate(samples):
+                    if position >= end:
+                        break
+                    if position >= first:
+                        yield sample
 
     return stream
+
+
+class PadForever:
+    """Passes records through, then repeats random ones of them for ever: the tail of an epoch's pass is
+    topped up to whole batches, and every rank and worker yields as many batches as the others (DDP
+    needs equal steps; `with_epoch` cuts the stream). Keeps at most `keep` encoded records."""
+
+    def __init__(self, keep: int, seed: int, epoch: SharedEpoch, rank: int):
+        self.keep, self.seed, self.epoch, self.rank = keep, seed, epoch, rank
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        rng = random.Random(_stream_seed(self.seed, self.epoch.get(), self.rank) ^ 0x9AD)
+        kept: list[dict] = []
+        for n, sample in enumerate(src):
+            if len(kept) < self.keep:
+                kept.append(sample)
+            elif (j := rng.randrange(n + 1)) < self.keep:  # reservoir sampling: a uniform sample of the pass
+                kept[j] = sample
+            yield sample
+        while kept:
+            yield rng.choice(kept)
 
 
 def split_shards(urls: list[str], rank: int, world: int) -> Callable[[], Iterator[dict]]:
@@ -276,11 +368,13 @@ def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int,
     decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features))
     collate = Collate(decoder, None if card.features else tokenizer, max_text_len, train, seed, rank)
     if train:
-        # shuffle the encoded records, then decode: the buffer holds JPEG bytes (~0.1 MB) rather than
-        # pixels (0.6 MB at 224 px), and filling it costs tar reads, not decodes (benchmarks/bench_loader.py)
-        stages = [resampled_shards(urls, seed, epoch, rank), wds.tarfile_to_samples(handler=decoder.handler),
-                  seeded_shuffle(shuffle_buffer, seed, epoch, rank), decoder,
-                  wds.batched(batch_size, collation_fn=collate, partial=False)]
+        # one pass over the records (or passes, for a fixed number of steps); shuffle the encoded records,
+        # then decode: the buffer holds JPEG bytes (~0.1 MB) rather than pixels (0.6 MB at 224 px), and
+        # filling it costs tar reads, not decodes (benchmarks/bench_loader.py)
+        stages = [epoch_records(card.shard_sizes(split), seed, epoch, rank, world, decoder.handler,
+                                fixed_steps=steps_per_epoch is not None),
+                  seeded_shuffle(shuffle_buffer, seed, epoch, rank), PadForever(batch_size, seed, epoch, rank),
+                  decoder, wds.batched(batch_size, collation_fn=collate, partial=False)]
     else:
         stages = [split_shards(urls, rank, world), wds.tarfile_to_samples(handler=decoder.handler),
                   decoder, wds.batched(batch_size, collation_fn=collate, partial=True)]
@@ -289,8 +383,17 @@ def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int,
                            persistent_workers=train and num_workers > 0)
     if not train:
         return loader, None
-    num_batches = steps_per_epoch or max(1, math.ceil(card.num_images(split) / (batch_size * world)))
+    num_batches = steps_per_epoch or train_steps(sum(card.shard_sizes(split).values()), batch_size, world,
+                                                 num_workers)
     return loader.with_epoch(num_batches).with_length(num_batches, silent=True), num_batches
+
+
+def train_steps(records: int, batch_size: int, world: int, num_workers: int) -> int:
+    """Steps per epoch on every rank for one pass: each of the world x workers streams holds at most
+    ceil(records / streams) records and yields that many batches (the last topped up), and a rank's
+    loader takes its workers' batches in turn."""
+    workers = max(1, num_workers)
+    return workers * max(1, math.ceil(math.ceil(records / (world * workers)) / batch_size))
 
 
 def load_tokenizer(card: DatasetCard, override: str | None = None):

@@ -331,9 +331,11 @@ def _write_card(out: Path, card: DatasetCard, tasks: list[Task], fp: str, source
     for task in tasks:
         stats = _stats(out / PROGRESS_DIR / task.marker)
         entry = splits.setdefault(task.split, {**cardlib.split_entry([], card.num_images(task.split), 0),
-                                               "num_written": 0})
+                                               "num_written": 0, "num_without_labels":
+                                               int(card.splits[task.split].get("num_without_labels", 0))})
         if stats["records"]:
             entry["shards"].append(task.name)
+            entry["shard_sizes"].append(stats["records"])
         entry["num_written"] += stats["records"]
         entry["num_captions"] += stats["captions"]
         skipped.update(stats["skipped"])

@@ -168,12 +168,19 @@ class MemoryBankContrast(nn.Module):
 
     @torch.no_grad()
     def update(self, hx: torch.Tensor, hy: torch.Tensor, idx: torch.Tensor, warmup: bool) -> None:
-        """v_i <- normalize(delta * v_i + (1 - delta) * normalize(mean of both modalities)), on every
-        rank with the gathered batch so that all ranks keep identical banks."""
+        """v_i <- normalize(delta * v_i + (1 - delta) * t_i), t_i = normalize(mean of both modalities), on
+        every rank with the gathered batch so that all ranks keep identical banks. An item that occurs
+        more than once in the gathered batch is written once, with the mean of its t_i: a plain indexed
+        write of duplicates keeps an undefined one of them (CUDA), and the ranks' banks, of which only
+        rank 0's is checkpointed, could drift apart."""
         target = F.normalize((F.normalize(hx, dim=1) + F.normalize(hy, dim=1)) / 2, dim=1)
         target, idx = gather_no_grad(target), gather_no_grad(idx)
+        rows, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        # a [rows x batch] 0/1 matmul: the same deterministic sums on every rank (no atomics)
+        members = (inverse[None, :] == torch.arange(len(rows), device=idx.device)[:, None]).to(target.dtype)
+        mean = (members @ target) / members.sum(1, keepdim=True)
         delta = 0.0 if warmup else self.momentum
-        self.bank[idx] = F.normalize(delta * self.bank[idx] + (1 - delta) * target, dim=1)
+        self.bank[rows] = F.normalize(delta * self.bank[rows] + (1 - delta) * mean, dim=1)
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

@@ -71,16 +71,28 @@ def test_eval_batches_carry_every_caption_with_its_image_id(shapes_tiny):
     assert len(set(batch["text_ids"].tolist())) == len(batch["text_ids"]) == batch["text"]["input_ids"].shape[0]
 
 
-def test_equal_step_counts_and_full_batches_on_uneven_shards(tmp_path, shapes_tiny):
-    card = _dataset(tmp_path, shapes_tiny, [40, 3, 3, 3])
-    lengths = []
-    for rank in range(2):
-        loader, n = _stream(card, "train", train=True, rank=rank, world=2, workers=2, batch=5)
-        batches = list(loader)
-        lengths.append(len(batches))
-        assert len(loader) == n == len(batches)
-        assert all(len(b["images"]) == 5 for b in batches)
-    assert lengths[0] == lengths[1] == 5  # ceil(49 / (5 * 2))
+def test_an_epoch_visits_every_training_record_once_with_equal_steps_on_uneven_shards(tmp_path, shapes_tiny):
+    """4 very uneven shards (40, 3, 3, 3 records) over 2 ranks x 2 workers, and the 8 training shards of
+    the tiny shapes set over 5 ranks x 2 workers (fewer shards than streams): every rank takes the same
+    number of full batches, together they hold every record, and only the top-up of each worker's last
+    batch repeats records."""
+    for card, world, workers, batch in ((_dataset(tmp_path, shapes_tiny, [40, 3, 3, 3]), 2, 2, 5),
+                                        (DatasetCard.read(shapes_tiny), 5, 2, 8)):
+        n_records = sum(card.shard_sizes("train").values())
+        for epoch in (0, 1):
+            seen, lengths = Counter(), []
+            for rank in range(world):
+                loader, n = _stream(card, "train", train=True, rank=rank, world=world, workers=workers, batch=batch,
+                                    epoch=epoch)
+                batches = list(loader)
+                lengths.append(len(batches))
+                assert len(loader) == n == len(batches)
+                assert all(len(b["images"]) == batch for b in batches)
+                seen.update(i for b in batches for i in b["image_ids"].tolist())
+            streams = world * workers
+            assert lengths == [workers * -(-(-(-n_records // streams)) // batch)] * world
+            assert set(seen) == set(range(n_records))  # every record, once an epoch ...
+            assert sum(seen.values()) - n_records < streams * batch  # ... and repeats only in the top-ups
 
 
 def test_training_seeds_differ_per_rank_and_epoch(shapes_tiny):
