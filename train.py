@@ -38,33 +38,43 @@ def main(argv=None) -> int:
     import lightning as L
     import torch.distributed as dist
 
-    from pipeline.modules import build_module
-    from pipeline.run import FINISHED, RUN_DIR_ENV, build_trainer, resolve_run_dir, resume_checkpoint
+    from data_prep.fsutil import atomic_write_bytes
+    from pipeline.metrics import metric_names
+    from pipeline.modules import build_module, module_class
+    from pipeline.run import (FINISHED, RUN_DIR_ENV, build_trainer, check_resume, choose_monitor, record_resume,
+                              resolve_run_dir, resume_checkpoint)
     from pipeline.tables import format_table
 
-    L.seed_everything(cfg.run.seed, workers=True)
     run_dir = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
     tok = datamodule.tokenizer
-    try:  # weights that do not fit; feature shards need `features` encoders and pixels need real ones
+    try:  # decided before any work: never continue a different experiment, monitor a metric that exists
+        monitor, note = choose_monitor(cfg, datamodule.card, metric_names(module_class(cfg).ks))
+        resume = resume_checkpoint(run_dir) if cfg.run.train else None
+        changes = check_resume(run_dir, cfg) if resume else {}
+        # weights that do not fit; feature shards need `features` encoders and pixels need real ones
+        L.seed_everything(cfg.run.seed, workers=True, verbose=False)
         model = build_module(cfg, datamodule.card.num_images("train"), len(tok), tok.pad_token_id or 0)
         check_model_inputs(datamodule.card, model)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer = build_trainer(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    trainer = build_trainer(cfg, run_dir, monitor)
     if trainer.is_global_zero:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if note:
+            logging.getLogger("train").warning(note)
+        if resume:
+            record_resume(run_dir, resume, changes)
+        atomic_write_bytes(run_dir / "config.yaml", to_yaml(cfg).encode())  # other ranks may be reading it
 
     ckpt = None
     if cfg.run.train:
-        resume = resume_checkpoint(run_dir)
         if resume and trainer.is_global_zero:
-            print(f"resuming from {resume}")
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+            print(f"resuming from {resume}" + (f" (allowed changes: {', '.join(changes)})" if changes else ""))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         ckpt = "best" if trainer.checkpoint_callback.best_model_path else "last"
-    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
 
     if trainer.is_global_zero:
         results = model.test_results

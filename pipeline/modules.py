@@ -149,6 +149,11 @@ class CrossModalHasher(RetrievalModule):
         return pack_codes(binarize(h))
 
 
+def module_class(cfg) -> type[RetrievalModule]:
+    """The LightningModule class of the config's model family (its class attributes say what it logs)."""
+    return FineGrainedAligner if cfg.model.kind == "fine_grained" else CrossModalHasher
+
+
 def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int = 0,
                  load_init: bool = True) -> RetrievalModule:
     """The config's module. `load_init=False` skips `model.image_encoder.init` (and pretraining the

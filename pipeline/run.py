@@ -1,22 +1,27 @@
 """Everything around the training step: the run directory, the logger, callbacks and the Trainer."""
 from __future__ import annotations
 
-import hashlib
+import json
 import netrc
 import os
 import re
+import secrets
+import time
 from pathlib import Path
 
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from data_prep.fsutil import tmp_sibling
 from pipeline.callbacks import AtomicCheckpointIO, DataEpoch, DataHealthMonitor, ThroughputMonitor
-from pipeline.config import to_dict
+from pipeline.config import ConfigError, to_dict, trainer_devices
 from pipeline.requeue import slurm_preemption
 
 RUN_DIR_ENV = "FICO_RUN_DIR"  # set by rank 0 so that processes Lightning launches use the same folder
 FINISHED = "test_metrics.json"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def slurm_job_tag() -> str | None:
@@ -48,10 +53,25 @@ def resolve_run_dir(cfg) -> Path:
     return candidate
 
 
-def run_id(run_dir: Path) -> str:
-    """W&B run id: readable and stable for the folder, so that a resumed job continues the same run."""
-    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]
-    return re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:48] + "-" + digest
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory: made once when the directory is new (a W&B sweep agent's
+    WANDB_RUN_ID when it set one, else random), then read back, so that a resumed or requeued job
+    continues its run while a deleted and re-made directory starts a new one. Every rank calls this;
+    the first to create the file wins (hard link of a complete file: never half-written), the others
+    read it."""
+    path = run_dir / WANDB_ID_FILE
+    if not path.is_file():
+        new = os.environ.get("WANDB_RUN_ID") or f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_dir.name)[:40]}-{secrets.token_hex(4)}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_sibling(path)
+        tmp.write_text(new + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another rank was first: its id is the run's
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
 
 
 def resume_checkpoint(run_dir: Path) -> str | None:
@@ -59,6 +79,78 @@ def resume_checkpoint(run_dir: Path) -> str | None:
     last = run_dir / "checkpoints" / "last.ckpt"
     candidates = list(run_dir.glob("hpc_ckpt_*.ckpt")) + ([last] if last.is_file() else [])
     return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+
+
+# Keys that do not change what a run learns: a resume may change them freely (where the data or the
+# run folder now live, how fast data loads, how the run is logged and checkpointed).
+MAY_CHANGE_ON_RESUME = ("data.root", "data.shapes_dir", "data.num_workers", "data.eval_batch_size", "logger.",
+                        "trainer.ckpt_every_n_steps", "trainer.log_every_n_steps", "run.root", "run.name", "run.id",
+                        "run.allow_changes")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, new: dict, allowed=()) -> dict[str, tuple]:
+    """{key: (saved value, new value)} for every key that changes the result, except `allowed` ones."""
+    old, cur = _flat(saved), _flat(new)
+    free = MAY_CHANGE_ON_RESUME + tuple(allowed)
+    return {k: (old.get(k), cur.get(k)) for k in sorted(set(old) | set(cur))
+            if old.get(k) != cur.get(k) and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)}
+
+
+def check_resume(run_dir: Path, cfg) -> dict[str, tuple]:
+    """Raises ConfigError (one line, both ways out) when the unfinished run in `run_dir` was started with
+    settings that change the result; returns the changes `run.allow_changes` lets through."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"{run_dir} holds checkpoints but no config.yaml, so what they were trained with is "
+                          f"unknown: train a new run with run.name=<another name>, or delete {run_dir}")
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    changes = config_changes(saved, to_dict(cfg), cfg.run.allow_changes)
+    if changes:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise ConfigError(f"{run_dir} holds an unfinished run trained with other settings ({listed}): train a new "
+                          f"run with run.name=<another name>, or resume this one anyway with "
+                          f"run.allow_changes=[{','.join(changes)}]")
+    return config_changes(saved, to_dict(cfg))
+
+
+def record_resume(run_dir: Path, checkpoint: str, changes: dict[str, tuple]) -> None:
+    """One line per resume in resumes.jsonl, with the changes allowed through: the run's own history."""
+    line = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": checkpoint,
+            "changes": {k: list(v) for k, v in changes.items()}}
+    with open(run_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(line, default=str) + "\n")
+
+
+def choose_monitor(cfg, card, metric_names: list[str]) -> tuple[str, str | None]:
+    """The validation metric that selects best.ckpt, decided before any training from the dataset card:
+    (name, a note to log when it is not what the config asked for). A mAP metric needs labels on the
+    validation split (without them it is absent, or 0 every epoch and "best" stays at epoch 1)."""
+    names = [f"val/{n}" for n in metric_names]
+    labelled = card.labelled("val")
+    if cfg.run.monitor:
+        if cfg.run.monitor not in names:
+            raise ConfigError(f"config key 'run.monitor' is {cfg.run.monitor!r}, which this model does not log; "
+                              f"allowed: {', '.join(names)}")
+        if "mAP" in cfg.run.monitor and not labelled:
+            raise ConfigError(f"config key 'run.monitor' is {cfg.run.monitor} but the validation split of "
+                              f"{card.root} has no labels; monitor val/rsum instead")
+        return cfg.run.monitor, None
+    if cfg.model.kind == "hash":
+        if labelled:
+            return "val/i2t_mAP@N", None
+        return "val/rsum", (f"the validation split of {card.root} has no labels: best.ckpt is chosen by val/rsum "
+                            f"(instance-level) instead of val/i2t_mAP@N")
+    return "val/rsum", None
 
 
 def wandb_mode(configured: str | None) -> str:
@@ -82,18 +174,14 @@ def build_logger(cfg, run_dir: Path):
         return CSVLogger(save_dir=str(run_dir), name="", version="csv")
     mode = wandb_mode(cfg.logger.mode)
     return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=run_dir.name,
-                       id=run_id(run_dir), save_dir=str(run_dir), resume="allow", mode=mode,
+                       id=wandb_run_id(run_dir), save_dir=str(run_dir), resume="allow", mode=mode,
                        tags=list(cfg.logger.tags), config=to_dict(cfg))
 
 
-def default_monitor(cfg) -> str:
-    return cfg.run.monitor or ("val/i2t_mAP@N" if cfg.model.kind == "hash" else "val/rsum")
-
-
-def build_trainer(cfg, run_dir: Path) -> L.Trainer:
+def build_trainer(cfg, run_dir: Path, monitor: str) -> L.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=default_monitor(cfg), mode="max",
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                         save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
         ThroughputMonitor(), DataHealthMonitor(), DataEpoch(),
     ]
@@ -116,7 +204,7 @@ def build_trainer(cfg, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
     return L.Trainer(
         default_root_dir=str(run_dir), max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator,
-        devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, logger=logger,
+        devices=trainer_devices(cfg), num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, logger=logger,
         callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0,
         gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False,
         limit_val_batches=t.limit_val_batches, limit_test_batches=t.limit_test_batches,
