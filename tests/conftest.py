@@ -112,31 +112,56 @@ def checkpoint_step(path: Path) -> int:
     """The global step saved in a Lightning checkpoint."""
     import torch
 
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
-# ---------------------------------------------------------------- trained tiny runs (report / hybrid tests)
-TINY_RUN = ["data.batch_size=16", "data.eval_batch_size=32", "data.num_workers=0", "trainer.max_epochs=1",
-            "data.steps_per_epoch=3", "model.image_encoder.width=16", "model.image_encoder.init_steps=2",
-            "model.text_encoder.width=32", "model.head_hidden=32", "hash.num_negatives=64", "optim.warmup_steps=2", "logger.wandb=false"]
+# ---------------------------------------------------------------- trained tiny runs (learning, report, hybrid)
+@pytest.fixture(scope="session")
+def shapes_backbone(tmp_path_factory) -> Path:
+    """The shapes backbone at test size (SmallCNN width 32, 150 steps: ~7 s, ~80 % of held-out shapes
+    named), made once per session: what the tiny runs start from, as the real configs do."""
+    from pipeline.backbone import shapes_backbone as make
+
+    return make(32, 64, [0.5] * 3, [0.25] * 3, 150, tmp_path_factory.mktemp("backbones"))
+
+
+def tiny_run_args(backbone: Path) -> list[str]:
+    """A tiny config of either family that learns within seconds: 24 epochs of 8 steps on shapes_tiny."""
+    return ["data.batch_size=32", "data.eval_batch_size=64", "data.num_workers=0", "trainer.max_epochs=24",
+            "model.image_encoder.width=32", f"model.image_encoder.init={backbone}", "model.text_encoder.width=32",
+            "model.head_hidden=64", "hash.num_negatives=64", "optim.warmup_steps=2", "logger.wandb=false"]
+
+
+def train_together(runs: dict[str, list[str]], root: Path) -> dict[str, Path]:
+    """`python train.py` for each (run name -> arguments), all at once, one math thread each (two threads
+    per process spinning for each other on this 2-core machine made them several times slower)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    procs = {name: subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"run.root={root}",
+                                     f"run.name={name}"], cwd=root, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, args in runs.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
+    return {name: root / name for name in runs}
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory, shapes_tiny) -> dict:
-    """One trained run of each family on `shapes_tiny` (config name -> run directory), trained once,
-    both at the same time (each is mostly Python start-up on one core)."""
-    root = tmp_path_factory.mktemp("tiny_runs")
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    procs = {}
-    for config in ("hash_64bit.yaml", "fine_grained.yaml"):
-        args = [sys.executable, str(ROOT / "train.py"), "--config", config, f"data.root={shapes_tiny}",
-                f"run.root={root}", *TINY_RUN]
-        procs[config.removesuffix(".yaml")] = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE,
-                                                               stderr=subprocess.PIPE, text=True)
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
-    return {name: root / name for name in procs}
+def tiny_runs(tmp_path_factory, shapes_tiny, shapes_backbone) -> dict:
+    """One trained run of each family on `shapes_tiny` (config name -> run directory), trained once."""
+    args = tiny_run_args(shapes_backbone)
+    return train_together({c: ["--config", f"{c}.yaml", f"data.root={shapes_tiny}", *args]
+                           for c in ("hash_64bit", "fine_grained")}, tmp_path_factory.mktemp("tiny_runs"))
+
+
+@pytest.fixture(scope="session")
+def tiny_baselines(tmp_path_factory, shapes_tiny, shapes_backbone, tiny_runs) -> dict:
+    """What the tiny runs are judged against: each family untrained (same initialisation, run.train=false),
+    and the hashing run trained a second time with the same seed."""
+    args = tiny_run_args(shapes_backbone)
+    runs = {f"{c}_untrained": ["--config", f"{c}.yaml", f"data.root={shapes_tiny}", *args, "run.train=false"]
+            for c in ("hash_64bit", "fine_grained")}
+    runs["hash_64bit_again"] = ["--config", "hash_64bit.yaml", f"data.root={shapes_tiny}", *args]
+    return train_together(runs, tmp_path_factory.mktemp("tiny_baselines"))
 
 
 @pytest.fixture(scope="module")

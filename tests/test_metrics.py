@@ -19,7 +19,12 @@ from pipeline import retrieval as retrieval_mod
 from pipeline.metrics import RetrievalMetrics, evaluate, metric_names
 from pipeline.retrieval import pack_codes, prepare, score_chunk, topk_search, unpack_codes
 
-fico = pytest.importorskip("fico_itr")
+
+
+@pytest.fixture
+def fico():
+    """The reference package, for the oracle comparisons only (every other test here runs without it)."""
+    return pytest.importorskip("fico_itr")
 
 MAP_KS = (10, 100, None)
 
@@ -43,7 +48,7 @@ def make_data(seed=0, n=40, dim=16, max_caps=7, n_labels=6, dtype=np.float64):
     return img.astype(dtype), txt.astype(dtype), cap, labels
 
 
-def fico_reference(sim_i2t, cap, labels, sim_t2i=None):
+def fico_reference(fico, sim_i2t, cap, labels, sim_t2i=None):
     """fico_itr's numbers under PROTOCOL.md's names (no rsum)."""
     mapping = [int(c) for c in cap]  # a Python list: its ndarray path crashes
     i2t, t2i = fico.instance_retrieval(sim_i2t, t2i_sim=sim_t2i, captions_per_image=mapping)
@@ -105,10 +110,10 @@ def hamming_distances(a, b):
 # evaluate vs fico_itr
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("measure", ["cosine", "inner_product", "euclidean"])
-def test_evaluate_matches_fico_variable_shuffled_captions(measure):
+def test_evaluate_matches_fico_variable_shuffled_captions(measure, fico):
     img, txt, cap, labels = make_data(seed=1)
     got = evaluate(img, txt, cap, labels, measure=measure)
-    ref = fico_reference(fico.compute_similarity(img, txt, measure), cap, labels)
+    ref = fico_reference(fico, fico.compute_similarity(img, txt, measure), cap, labels)
     assert_same(got, ref)
     assert list(got) == metric_names()
     assert all(type(v) is float for v in got.values())
@@ -117,25 +122,25 @@ def test_evaluate_matches_fico_variable_shuffled_captions(measure):
     assert 0 < got["i2t_mAP@N"] < 1 and 0 < got["t2i_R@1"] < 100  # a non-trivial case
 
 
-def test_evaluate_matches_fico_five_in_order_and_torch_inputs():
+def test_evaluate_matches_fico_five_in_order_and_torch_inputs(fico):
     rng = np.random.default_rng(2)
     img = rng.standard_normal((30, 8))
     cap = np.repeat(np.arange(30), 5)
     txt = img[cap] + rng.standard_normal((150, 8))
     labels = (rng.random((30, 4)) < 0.4).astype(np.int64)
     got = evaluate(torch.from_numpy(img), torch.from_numpy(txt), torch.from_numpy(cap), torch.from_numpy(labels))
-    assert_same(got, fico_reference(fico.compute_similarity(img, txt, "cosine"), cap, labels))
+    assert_same(got, fico_reference(fico, fico.compute_similarity(img, txt, "cosine"), cap, labels))
 
 
-def test_evaluate_float32_equals_fico_on_the_same_float32_scores():
+def test_evaluate_float32_equals_fico_on_the_same_float32_scores(fico):
     """The fast int64-key path (float32 scores) against fico on float32 features."""
     img, txt, cap, labels = make_data(seed=3, n=60, dim=32, dtype=np.float32)
     got = evaluate(img, txt, cap, labels, measure="inner_product")
-    assert_same(got, fico_reference(fico.compute_similarity(img, txt, "inner_product"), cap, labels))
+    assert_same(got, fico_reference(fico, fico.compute_similarity(img, txt, "inner_product"), cap, labels))
 
 
 @pytest.mark.filterwarnings("ignore:Transposing similarity matrix")
-def test_hamming_equals_fico_on_index_jittered_scores():
+def test_hamming_equals_fico_on_index_jittered_scores(fico):
     """fico on -distance minus a tiny index jitter: tie-free scores that encode our tie rule."""
     rng = np.random.default_rng(4)
     n, bits = 30, 12  # 12 bits: ties everywhere
@@ -149,7 +154,7 @@ def test_hamming_equals_fico_on_index_jittered_scores():
     sim_i2t = -d - eps * np.arange(d.shape[1])[None, :]  # captions x index
     sim_t2i = -d.T - eps * np.arange(d.shape[0])[None, :]  # images x index
     got = evaluate(img_codes, txt_codes, cap, labels, measure="hamming")
-    assert_same(got, fico_reference(sim_i2t, cap, labels, sim_t2i=sim_t2i))
+    assert_same(got, fico_reference(fico, sim_i2t, cap, labels, sim_t2i=sim_t2i))
 
 
 def test_hamming_equals_brute_force_stable_sort():
