@@ -36,11 +36,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from data_prep.__main__ import main as data_prep_main  # noqa: E402
-from data_prep.shapes import build_shapes  # noqa: E402
+from data_prep import build_shapes  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import RetrievalDataModule  # noqa: E402
-from pipeline.modules import build_module  # noqa: E402
+from pipeline.inference.features import main as features_main  # noqa: E402
+from pipeline.training.build import build_module  # noqa: E402
 
 
 class StepTimer(L.Callback):
@@ -124,8 +124,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            assert data_prep_main(["features", "--shards", str(shapes), "--config", "hash_64bit.yaml", *overrides,
-                                   "--out", str(out), "--workers", "2", "--batch-size", "128", "--no-progress"]) == 0
+            assert features_main(["--shards", str(shapes), "--config", "hash_64bit.yaml", *overrides,
+                                  "--out", str(out), "--workers", "2", "--batch-size", "128", "--no-progress"]) == 0
         seconds = time.perf_counter() - t0
         card = json.loads((out / "dataset.json").read_text())
         images = sum(s["num_images"] for s in card["splits"].values())

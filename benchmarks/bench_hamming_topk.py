@@ -7,9 +7,9 @@ One process, one data set, methods run one after the other, ``--repeats`` times 
 medians of wall and CPU (process) time. The machine is shared, so the ratios between methods
 measured side by side are the figures to quote, not the absolute seconds.
 
-* ``hamming_topk`` (pipeline.hamming, the C kernel), full size;
+* ``hamming_topk`` (pipeline.evaluation.hamming, the C kernel), full size;
 * faiss ``IndexBinaryFlat`` (same codes, same k), full size;
-* ``pipeline.retrieval.topk_search(..., "hamming")`` (numpy popcount + selection), on the
+* ``pipeline.evaluation.exhaustive.topk_search(..., "hamming")`` (numpy popcount + selection), on the
   float query sample, extrapolated: why the kernel exists;
 * fp32 cosine ``topk_search`` on 256-d embeddings (1 GB gallery), and plain torch
   ``mm + topk`` in 65,536-item blocks, and faiss ``IndexFlatIP``: on ``--float-queries``
@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.hamming import backend, hamming_topk  # noqa: E402
-from pipeline.report import PeakRSS  # noqa: E402
-from pipeline.retrieval import topk_search  # noqa: E402
+from pipeline.comparison.measure import PeakRSS  # noqa: E402
+from pipeline.evaluation.exhaustive import topk_search  # noqa: E402
+from pipeline.evaluation.hamming import backend, hamming_topk  # noqa: E402
 
 
 def timed(fn):

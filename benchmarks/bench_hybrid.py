@@ -5,7 +5,7 @@
         [--simhash-bits 64] [--distill-steps 3000] [--out benchmarks/out/bench_hybrid.json]
 
 Gallery per direction: the test split's items of that side plus distractors drawn with the
-models' own statistics (``pipeline.hybrid.build_gallery``) up to ``--gallery`` items, the
+models' own statistics (``pipeline.comparison.galleries.build_gallery``) up to ``--gallery`` items, the
 test items at random positions. Quality (R@1/5/10, candidate recall) over every test
 query; time per query over ``--queries`` fixed queries, median of ``--repeats``, every
 method timed in this process one after the other. Targets (issue 4): >= 95% of the
@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.hybrid import fine_grained_screeners, format_rows, run_hybrid  # noqa: E402
+from pipeline.comparison.hybrid import format_rows, run_hybrid  # noqa: E402
+from pipeline.comparison.screeners import fine_grained_screeners  # noqa: E402
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "out" / "distilled")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "bench_hybrid.json")
     args = p.parse_args(argv)
-    from pipeline.encode import encode_split, load_run
+    from pipeline.inference.encoding import encode_split
+    from pipeline.inference.runs import load_run
 
     start = time.perf_counter()
     fg_run = load_run(args.fine_grained)

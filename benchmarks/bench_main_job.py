@@ -40,7 +40,7 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
-    from data_prep.shapes import build_shapes
+    from data_prep import build_shapes
     from pipeline.config import load_config
 
     start = time.perf_counter()

@@ -119,7 +119,7 @@ def kernels_worker(n_q: int = 1000, n_g: int = 25000) -> dict:
     """Hamming kernels on packed 64-bit codes: which is fastest on this CPU."""
     import torch
 
-    from pipeline.retrieval import _hamming_matmul, _hamming_popcount, pack_codes
+    from pipeline.evaluation.scores import _hamming_matmul, _hamming_popcount, pack_codes
 
     rng = np.random.default_rng(1)
     q = pack_codes(torch.from_numpy(rng.random((n_q, BITS)) < 0.5))

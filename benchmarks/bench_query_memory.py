@@ -2,7 +2,7 @@
 
     python benchmarks/bench_query_memory.py [--queries 100] [--blocks 65536,262144,1048576] [--quick]
 
-Runs ``pipeline.report.exhaustive_search`` (the report's streamed exhaustive search) on
+Runs ``pipeline.comparison.query_time.exhaustive_search`` (the report's streamed exhaustive search) on
 ``distinct`` galleries of the 1M/5M point, i2t (5M captions) and t2i (1M images), for
 256-d fp32 embeddings and packed 64-bit codes, once per block size, and records the peak
 resident memory above the level before the search (Linux VmHWM, reset per run). For scale:
@@ -25,9 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.encode import EncodedSplit  # noqa: E402
-from pipeline.report import ItemSource, PeakRSS, exhaustive_search  # noqa: E402
-from pipeline.retrieval import pack_codes  # noqa: E402
+from pipeline.comparison.galleries import ItemSource  # noqa: E402
+from pipeline.comparison.measure import PeakRSS  # noqa: E402
+from pipeline.comparison.query_time import exhaustive_search  # noqa: E402
+from pipeline.evaluation.scores import pack_codes  # noqa: E402
+from pipeline.inference.encoding import EncodedSplit  # noqa: E402
 
 
 def fake_split(dim: int, n: int = 1000, seed: int = 0) -> EncodedSplit:

@@ -5,7 +5,7 @@
          --instances instances_train2014.json instances_val2014.json --out DIR
   python -m data_prep flickr30k --karpathy dataset_flickr30k.json --images DIR [--labels FILE] --out DIR
   python -m data_prep manifest --jsonl FILE --images DIR --out DIR
-  python -m data_prep features --shards DIR --config CFG [key=value ...] --out DIR [--tokens]
+  (feature shards: python -m pipeline.features --shards DIR --config CFG --out DIR [--tokens])
 
 Exit status: 0 written (bad inputs are skipped and summarised), 1 nothing usable
 was written, 2 the inputs cannot be read.
@@ -153,19 +153,16 @@ def _run_manifest(args) -> int:
 # ---- feature shards ----------------------------------------------------------------
 
 def _add_features(sub) -> None:
-    # Feature shards need the pipeline's encoders, and DESIGN.md keeps data_prep free of pipeline
-    # imports: this command only forwards its arguments to pipeline/features.py (imported when run).
-    p = sub.add_parser("features", help="frozen-encoder feature shards (python -m data_prep features --help)",
-                       prefix_chars="+", add_help=False)  # every argument, --help too, goes to pipeline.features
+    # Feature shards need the pipeline's encoders, and nothing here imports from pipeline: the command
+    # lives there now; this name only points at it.
+    p = sub.add_parser("features", help="moved: python -m pipeline.features", prefix_chars="+", add_help=False)
     p.add_argument("args", nargs="*")
     p.set_defaults(run=_run_features)
 
 
 def _run_features(args) -> int:
-    from pipeline import features
-    options = features.parse_args(args.args)
-    args.out = options.out  # for the summary below
-    return features.run(options)
+    print("error: feature shards are made by `python -m pipeline.features` (same options)", file=sys.stderr)
+    return 2
 
 
 # ---- main ----------------------------------------------------------------------

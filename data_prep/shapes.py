@@ -57,9 +57,17 @@ def sample_scene(rng: random.Random) -> dict:
 
 
 def single_object_scene(rng: random.Random) -> dict:
-    """One object anywhere: the images the shapes backbone is pretrained on (pipeline/backbone.py)."""
     obj = sample_object(rng, rng.choice(CELLS))
     return {"background": _background(rng), "objects": [obj]}
+
+
+def single_object_images(count: int, image_size: int, namespace: str) -> tuple[list, list[int]]:
+    """`count` images of one object anywhere and the index of its shape in SHAPES: what the shapes image
+    backbone is pretrained on (pipeline/training/backbone.py). `namespace` seeds them; give one that no
+    retrieval split uses, so that the images are disjoint from the dataset's."""
+    rng = random.Random(namespace)
+    scenes = [single_object_scene(rng) for _ in range(count)]
+    return [render(s, image_size) for s in scenes], [SHAPES.index(s["objects"][0]["shape"]) for s in scenes]
 
 
 def shape_labels(objects: list[dict]) -> list[int]:

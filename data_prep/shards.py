@@ -18,7 +18,6 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .card import write_card  # noqa: F401  (part of this module's public API)
 from .fsutil import atomic_open
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"

@@ -7,36 +7,33 @@
    (estimated from its first images). The plan, and so every shard's bytes,
    depends only on the inputs and options, never on the number of workers.
 3. Write: shards are independent tasks for a process pool. A shard is written
-   under a temporary name and renamed when complete; then a stats file in
-   `_progress/` marks it done. A re-run with the same inputs skips done shards;
-   a half-built folder from other inputs is refused rather than mixed in.
+   under a temporary name and renamed when complete, then marked done
+   (data_prep/build.py: a re-run with the same inputs skips done shards; a
+   half-built folder from other inputs is refused rather than mixed in).
 4. Finish: the tokenizer is built from the training captions; per-split counts
-   and skip reasons go into `dataset.json`, written last and atomically (a
-   folder with a card is a complete dataset); `_progress/` is removed.
+   and skip reasons go into `dataset.json`, written last and atomically.
 Resuming assumes the raw files did not change in between.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import card as cardlib
+from .build import ResumableBuild
 from .entries import Entry, InputError, SkipLog, log, split_sort_key
-from .fsutil import TMP_MARK, atomic_write_bytes, remove_tree
 from .images import IMAGE_KEY, BadImage, ImageOptions, check_image, encode_image
+from .progress import progress_bar
 from .shards import shard_name, write_shard
 from .tokenizer import DEFAULT_VOCAB_SIZE, train_wordpiece
 from .workers import Workers
 
-PROGRESS_DIR = "_progress"
 CHECK_CHUNK = 64        # images per check job
 TAR_OVERHEAD = 3 * 512  # member headers and padding per record (approximate)
 
@@ -80,21 +77,6 @@ def fingerprint(entries: list[Entry], opts: BuildOptions) -> str:
     return h.hexdigest()[:16]
 
 
-def _progress_bar(total: int, desc: str, enabled: bool, done: int = 0):
-    try:
-        from tqdm import tqdm  # comes with transformers (huggingface_hub), not declared by us
-    except ImportError:
-        enabled, tqdm = False, None
-    if not enabled:
-        return contextlib.nullcontext(_NoBar())
-    return tqdm(total=total, initial=done, unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
 # ---- 1. check --------------------------------------------------------------------
 
 def _check_chunk(paths: list[tuple[str, str]]) -> list[list[str]]:
@@ -107,19 +89,18 @@ def _check_chunk(paths: list[tuple[str, str]]) -> list[list[str]]:
     return bad
 
 
-def find_bad_images(entries: list[Entry], out_dir: Path, workers: Workers, opts: BuildOptions) -> dict:
+def find_bad_images(entries: list[Entry], build: ResumableBuild, workers: Workers, opts: BuildOptions) -> dict:
     """key -> [reason, detail] for every image that cannot be used; cached for resuming."""
-    cache = out_dir / PROGRESS_DIR / "check.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    if build.is_done("check"):
+        return build.stats("check")
     jobs = [[(e.key, str(e.image)) for e in entries[i:i + CHECK_CHUNK]]
             for i in range(0, len(entries), CHECK_CHUNK)]
     bad = {}
-    with _progress_bar(len(entries), "check", opts.progress) as bar:
+    with progress_bar(len(entries), "check", opts.progress, "img") as bar:
         for job, found in zip(jobs, workers.map(_check_chunk, jobs)):
             bad.update({key: [reason, detail] for key, reason, detail in found})
             bar.update(len(job))
-    atomic_write_bytes(cache, json.dumps(bad).encode())
+    build.mark_done("check", bad)
     return bad
 
 
@@ -175,7 +156,7 @@ def _record(entry: Entry, image_bytes: bytes) -> dict:
 
 
 def write_task(task: ShardTask, image: ImageOptions, out_dir: Path) -> dict:
-    """Write one shard; returns its stats (also saved as its done-marker)."""
+    """Write one shard; returns its stats (the caller marks the piece done)."""
     def records():
         for entry in task.entries:
             try:
@@ -186,55 +167,32 @@ def write_task(task: ShardTask, image: ImageOptions, out_dir: Path) -> dict:
             yield _record(entry, data)
 
     write_shard(records(), out_dir / task.name)
-    stats = {"name": task.name, "records": len(task.entries),
-             "captions": sum(len(e.captions) for e in task.entries),
-             "without_labels": sum(1 for e in task.entries if not e.labels)}
-    atomic_write_bytes(_marker(out_dir, task), json.dumps(stats).encode())
-    return stats
+    return {"name": task.name, "records": len(task.entries),
+            "captions": sum(len(e.captions) for e in task.entries),
+            "without_labels": sum(1 for e in task.entries if not e.labels)}
 
 
 def _write_task_star(args) -> dict:
     return write_task(*args)
 
 
-def _marker(out_dir: Path, task: ShardTask) -> Path:
-    return out_dir / PROGRESS_DIR / f"{task.name}.json"
-
-
-def _start_or_resume(out_dir: Path, fp: str) -> None:
-    """Check a half-built folder belongs to these inputs; clear temp files a killed run left."""
-    plan_file = out_dir / PROGRESS_DIR / "plan.json"
-    if plan_file.is_file():
-        old = json.loads(plan_file.read_text()).get("fingerprint")
-        if old != fp:
-            raise InputError(f"{out_dir} holds a partial build from other inputs or options "
-                             f"(fingerprint {old}, now {fp}): delete it or choose another --out")
-        log.info("resuming the partial build in %s", out_dir)
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise InputError(f"{out_dir} is not empty and holds no dataset build: choose another --out")
-    plan_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(plan_file, json.dumps({"fingerprint": fp}).encode())
-    for stale in [p for p in out_dir.iterdir() if TMP_MARK in p.name]:
-        stale.unlink()
-
-
-def write_shards(tasks: list[ShardTask], out_dir: Path, workers: Workers, opts: BuildOptions) -> None:
-    todo = [t for t in tasks if not _marker(out_dir, t).is_file()]
+def write_shards(tasks: list[ShardTask], build: ResumableBuild, workers: Workers, opts: BuildOptions) -> None:
+    todo = [t for t in tasks if not build.is_done(t.name)]
     if len(todo) < len(tasks):
         log.info("%d of %d shards already written", len(tasks) - len(todo), len(tasks))
     total, left = (sum(len(t.entries) for t in ts) for ts in (tasks, todo))
-    sizes = {t.name: len(t.entries) for t in todo}
-    with _progress_bar(total, "write", opts.progress, done=total - left) as bar:
-        for stats in workers.map(_write_task_star, [(t, opts.image, out_dir) for t in todo], ordered=False):
-            bar.update(sizes[stats["name"]])
+    with progress_bar(total, "write", opts.progress, "img", initial=total - left) as bar:
+        for stats in workers.map(_write_task_star, [(t, opts.image, build.out) for t in todo], ordered=False):
+            build.mark_done(stats["name"], stats)
+            bar.update(stats["records"])
 
 
 # ---- 4. finish ---------------------------------------------------------------------
 
-def split_summary(tasks: list[ShardTask], out_dir: Path) -> dict:
+def split_summary(tasks: list[ShardTask], build: ResumableBuild) -> dict:
     splits: dict[str, dict] = {}
     for task in tasks:
-        stats = json.loads(_marker(out_dir, task).read_text())
+        stats = build.stats(task.name)
         entry = splits.setdefault(task.split, cardlib.split_entry([], 0, 0))
         entry.setdefault("num_without_labels", 0)
         entry["shards"].append(task.name)
@@ -248,37 +206,25 @@ def split_summary(tasks: list[ShardTask], out_dir: Path) -> dict:
 def build_dataset(out_dir, name: str, categories: list[str], entries: list[Entry],
                   made_with: dict, opts: BuildOptions, skips: SkipLog) -> dict:
     """Write (or finish, or confirm) the dataset in `out_dir`; returns its card."""
-    out_dir = Path(out_dir)
     fp = fingerprint(entries, opts)
+    build = ResumableBuild(out_dir, fp)
     made_with = {**made_with, **opts.shaping(), "fingerprint": fp}
-    if (out_dir / cardlib.CARD_NAME).is_file():
-        return _already_built(out_dir, fp)
-    _start_or_resume(out_dir, fp)
+    if (card := build.finished()) is not None:
+        return card
+    build.start()
     with Workers(opts.workers) as workers:
-        good = usable(entries, find_bad_images(entries, out_dir, workers, opts), skips)
+        good = usable(entries, find_bad_images(entries, build, workers, opts), skips)
         if not good:
-            remove_tree(out_dir / PROGRESS_DIR)  # nothing worth resuming; a fixed re-run starts fresh
+            build.abandon()
             raise NothingWritten(f"no usable image for {out_dir}; skipped: {dict(skips.counts)}")
         tasks = plan(good, opts)
-        write_shards(tasks, out_dir, workers, opts)
-    splits = split_summary(tasks, out_dir)
+        write_shards(tasks, build, workers, opts)
+    splits = split_summary(tasks, build)
     train_captions = [c for e in good if e.split == "train" for c in e.captions]
     vocab = None
     if train_captions:
-        vocab = train_wordpiece(train_captions, out_dir / "tokenizer.json", opts.vocab_size)
+        vocab = train_wordpiece(train_captions, build.out / "tokenizer.json", opts.vocab_size)
     else:
         log.warning("no train split: no tokenizer.json (configure a pretrained tokenizer instead)")
-    card = cardlib.make_card(name, categories, IMAGE_KEY, splits, made_with, dict(skips.counts),
-                             tokenizer="tokenizer.json" if vocab else None, tokenizer_vocab_size=vocab)
-    cardlib.write_card(out_dir, card)
-    remove_tree(out_dir / PROGRESS_DIR)
-    return card
-
-
-def _already_built(out_dir: Path, fp: str) -> dict:
-    card = cardlib.read_card(out_dir)
-    if card.get("made_with", {}).get("fingerprint") != fp:
-        raise InputError(f"{out_dir} already holds a dataset made from other inputs or options: "
-                         "delete it or choose another --out")
-    log.info("%s is already complete; nothing to do", out_dir)
-    return card
+    return build.finish(cardlib.make_card(name, categories, IMAGE_KEY, splits, made_with, dict(skips.counts),
+                                          tokenizer="tokenizer.json" if vocab else None, tokenizer_vocab_size=vocab))

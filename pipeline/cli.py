@@ -1,8 +1,11 @@
-"""Small pieces shared by the command-line tools (evaluate, report, hybrid, features, encode)."""
+"""Small pieces shared by the command-line tools (evaluate, report, hybrid, features, ...)."""
 from __future__ import annotations
 
 import argparse
-import sys
+
+from data_prep import progress_bar
+
+__all__ = ["int_list", "progress_bar"]
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -15,28 +18,3 @@ def int_list(text: str) -> tuple[int, ...]:
                 raise argparse.ArgumentTypeError(f"{v.strip()!r} is not a whole number")
             values.append(int(number))
     return tuple(values)
-
-
-class _NoBar:
-    """What `progress_bar` returns when disabled: the same calls, no output."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it", initial: int = 0):
-    """A tqdm bar on stderr (a context manager too), or a silent stand-in when disabled."""
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm  # comes with transformers (huggingface_hub)
-
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)

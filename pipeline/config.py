@@ -18,7 +18,9 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ at the top of a checkout; inside the package once installed from a wheel
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent /
+                               "configs") if d.is_dir()), Path(__file__).resolve().parent.parent / "configs")
 
 
 class ConfigError(ValueError):
@@ -65,7 +67,7 @@ class ModelConfig:
 
 @dataclass
 class HashConfig:
-    """UCCH (Hu et al., TPAMI 2022); defaults from the paper, see shared/research/methods.md."""
+    """UCCH (Hu et al., TPAMI 2022); defaults from the paper (docs/methods.md)."""
 
     alpha: float = 0.7  # weight of the contrastive (memory-bank) loss vs the cross-modal ranking loss
     tau: float = 0.9  # temperature of the contrastive loss
@@ -376,6 +378,17 @@ def trainer_devices(cfg):
     """trainer.devices as Lightning takes it (a YAML list arrives as an OmegaConf ListConfig)."""
     devices = cfg.trainer.devices
     return list(devices) if isinstance(devices, ListConfig) else devices
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"dotted.key": value}, the names overrides and sweeps use."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,0 +1,15 @@
+"""The evaluation room: the FiCo-ITR protocol (docs/protocol.md) on tensors. Knows nothing of models or
+data: it takes embeddings or codes, ids and labels, on whatever device they are.
+
+    protocol.py    evaluate(): instance-level R@K / MedianR / MeanR / rsum, category-level mAP@k
+    ranking.py     the ranking work behind it (ranks and APs per block, the tie rule as sort keys)
+    metric.py      RetrievalMetrics: the protocol as a torchmetrics Metric synced across ranks
+    scores.py      scoring blocks, bit packing, order keys
+    exhaustive.py  chunked exhaustive top-k search
+    hamming.py     the compiled Hamming top-k kernel for packed codes
+    table.py       the printed result table
+    cli.py         python -m pipeline.evaluate on saved features
+
+A new metric goes in protocol.py (and its name in metric_names). Imports nothing from pipeline but
+`pipeline.cli` (the command line's helpers).
+"""

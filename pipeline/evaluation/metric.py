@@ -1,0 +1,144 @@
+"""`RetrievalMetrics`: the protocol as a torchmetrics Metric, whose state lives on the device and is
+gathered across ranks; `compute` de-duplicates by id and calls `evaluate`."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchmetrics import Metric
+
+from pipeline.evaluation.protocol import evaluate
+from pipeline.evaluation.scores import as_tensor, pack_codes
+
+
+class RetrievalMetrics(Metric):
+    """Accumulates embeddings (or packed codes) with ids; ``compute`` = :func:`evaluate`.
+
+    ``update(image_feats, image_ids, image_labels, text_feats, text_ids,
+    text_image_ids)``: int64 ids; image ids unique per image, text ids unique
+    per caption, ``text_image_ids`` the image id of each caption. Either side
+    may be empty (None or zero rows) in a call. States stay on the metric's
+    device and are concatenated across ranks (``dist_reduce_fx="cat"``).
+
+    ``compute`` keeps the first copy of each id (DistributedSampler pads by
+    repeating samples: a record seen twice counts once), orders images and
+    captions by id, so the result does not depend on which rank saw what or in
+    which order, maps captions to images by id (a caption whose image was never
+    seen raises ``ValueError``), and returns :func:`evaluate`'s dict.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    _STATES = ("image_feats", "image_ids", "image_labels", "text_feats", "text_ids", "text_image_ids")
+    _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
+               torch.int16, torch.int32, torch.int64)
+
+    def __init__(self, measure: str = "cosine", ks: Sequence[int] = (1, 5, 10),
+                 map_ks: Sequence[int | None] = (10, 100, None), chunk_size: int | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.measure, self.ks, self.map_ks, self.chunk_size = measure, tuple(ks), tuple(map_ks), chunk_size
+        for name in self._STATES:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, image_feats=None, image_ids=None, image_labels=None,
+               text_feats=None, text_ids=None, text_image_ids=None) -> None:
+        if image_feats is not None and len(image_feats):
+            feats = self._stored_feats(image_feats)
+            ids = as_tensor(image_ids, self.device).to(torch.int64).reshape(-1)
+            if feats.shape[0] != ids.shape[0]:
+                raise ValueError("image_feats and image_ids differ in length")
+            self.image_feats.append(feats)
+            self.image_ids.append(ids)
+            if image_labels is not None:  # bool does not travel over gloo: uint8
+                lab = as_tensor(image_labels, self.device).reshape(len(ids), -1)
+                self.image_labels.append((lab != 0).to(torch.uint8))
+        if text_feats is not None and len(text_feats):
+            feats = self._stored_feats(text_feats)
+            tids = as_tensor(text_ids, self.device).to(torch.int64).reshape(-1)
+            timg = as_tensor(text_image_ids, self.device).to(torch.int64).reshape(-1)
+            if not feats.shape[0] == tids.shape[0] == timg.shape[0]:
+                raise ValueError("text_feats, text_ids and text_image_ids differ in length")
+            self.text_feats.append(feats)
+            self.text_ids.append(tids)
+            self.text_image_ids.append(timg)
+
+    def _stored_feats(self, feats) -> torch.Tensor:
+        """Hash codes are kept packed (32x smaller than floats, and gloo-friendly)."""
+        feats = as_tensor(feats, self.device).detach()
+        if self.measure == "hamming" and feats.dtype != torch.uint8:
+            feats = pack_codes(feats)
+        return feats
+
+    def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:
+        self._add_missing_states(process_group)
+        kwargs = {} if dist_sync_fn is None else {"dist_sync_fn": dist_sync_fn}
+        super()._sync_dist(process_group=process_group, **kwargs)
+
+    def _add_missing_states(self, process_group) -> None:
+        """Give a rank that saw no data empty tensors of the right dtype and width.
+
+        torchmetrics pads a missing list state with a 1-D float32 tensor, which
+        cannot be gathered together with other ranks' 2-D uint8 codes or int64 ids.
+        """
+        import torch.distributed as dist
+
+        meta = torch.full((len(self._STATES), 3), -1, dtype=torch.int64, device=self.device)
+        for i, name in enumerate(self._STATES):
+            t = _first_tensor(getattr(self, name))
+            if t is not None:
+                meta[i, 0], meta[i, 1] = t.ndim, t.shape[1] if t.ndim > 1 else 0
+                meta[i, 2] = self._DTYPES.index(t.dtype)
+        dist.all_reduce(meta, op=dist.ReduceOp.MAX, group=process_group)
+        for i, name in enumerate(self._STATES):
+            state = getattr(self, name)
+            ndim, width, code = (int(v) for v in meta[i])
+            if code >= 0 and isinstance(state, list) and not state:
+                shape = (0, width) if ndim > 1 else (0,)
+                state.append(torch.empty(shape, dtype=self._DTYPES[code], device=self.device))
+
+    def compute(self) -> dict[str, float]:
+        img_ids, txt_ids = _cat(self.image_ids), _cat(self.text_ids)
+        if img_ids is None or txt_ids is None or not img_ids.numel() or not txt_ids.numel():
+            raise ValueError("RetrievalMetrics.compute needs at least one image and one caption")
+        img_keep, img_uids = first_by_id(img_ids)
+        txt_keep, _ = first_by_id(txt_ids)
+        txt_img = _cat(self.text_image_ids)[txt_keep]
+        caption_image = torch.searchsorted(img_uids, txt_img).clamp_max(img_uids.numel() - 1)
+        missing = img_uids[caption_image] != txt_img
+        if bool(missing.any()):
+            example = torch.unique(txt_img[missing])[:5].tolist()
+            raise ValueError(f"{int(missing.sum())} caption(s) refer to images never seen, "
+                             f"e.g. image ids {example}")
+        labels = _cat(self.image_labels)
+        if labels is not None and labels.numel():
+            if labels.shape[0] != img_ids.shape[0]:
+                raise ValueError("image_labels were given in some updates but not in others")
+            labels = labels[img_keep]
+        else:
+            labels = None
+        return evaluate(_cat(self.image_feats)[img_keep], _cat(self.text_feats)[txt_keep], caption_image,
+                        labels, measure=self.measure, ks=self.ks, map_ks=self.map_ks,
+                        chunk_size=self.chunk_size)
+
+
+def _first_tensor(state):
+    if isinstance(state, torch.Tensor):
+        return state
+    return state[0] if state else None
+
+
+def _cat(state):
+    if isinstance(state, torch.Tensor):
+        return state
+    return torch.cat(state) if state else None
+
+
+def first_by_id(ids: torch.Tensor):
+    """Positions of the first occurrence of each distinct id, ordered by id, and the ids."""
+    uids, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    pos = torch.arange(ids.numel(), device=ids.device)
+    first = torch.full_like(uids, ids.numel()).scatter_reduce_(0, inverse, pos, "amin")
+    return first, uids

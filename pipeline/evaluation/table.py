@@ -1,0 +1,19 @@
+"""The FiCo-ITR result table as text (markdown), from a dict of the protocol's names."""
+from __future__ import annotations
+
+
+def _fmt(value: float, is_map: bool) -> str:
+    return f"{value:.4f}" if is_map else f"{value:.2f}"
+
+
+def format_table(results: dict[str, float], title: str = "") -> str:
+    """Two rows (i2t, t2i) of instance-level R@K / MedianR / MeanR and category-level mAP@k."""
+    names = [k[4:] for k in results if k.startswith("i2t_")]
+    header = "| direction | " + " | ".join(names) + " |"
+    lines = ([f"**{title}**", ""] if title else []) + [header, "|" + "---|" * (len(names) + 1)]
+    for d in ("i2t", "t2i"):
+        cells = [_fmt(results[f"{d}_{n}"], n.startswith("mAP")) for n in names if f"{d}_{n}" in results]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    if "rsum" in results:
+        lines += ["", f"rsum = {results['rsum']:.2f}"]
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""One split of a dataset encoded with a trained run, timed per side.
+
+    enc = encode_split(run, "test", device="cpu")  # features in id order, ready for evaluate()
+
+The split is read by the same evaluation stream as training's test (every record exactly once) and
+put in id order the way ``RetrievalMetrics.compute`` does, so ``evaluate`` on the result reproduces
+the run's own ``test_metrics.json``.
+
+Encoding time is measured per side, model forward only (encoder + head, what a deployed system pays
+per item): data loading, decoding and tokenisation are excluded, the first batch is run once untimed
+(allocator and kernel warm-up), and on CUDA the clock waits for the device.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.cli import progress_bar
+from pipeline.data import build_stream
+from pipeline.evaluation.metric import first_by_id
+from pipeline.evaluation.scores import pack_codes
+from pipeline.inference.runs import Run, RunError
+from pipeline.models.heads import binarize
+
+
+@dataclass
+class EncodedSplit:
+    """One split in id order: images ``[N, ...]``, captions ``[M, ...]``, ``caption_image [M]``."""
+
+    image: np.ndarray  # continuous outputs: embeddings (fine-grained) or tanh relaxations (hash)
+    text: np.ndarray
+    image_gallery: np.ndarray  # what retrieval uses: embeddings, or packed uint8 codes
+    text_gallery: np.ndarray
+    caption_image: np.ndarray
+    labels: np.ndarray  # [N, C] multi-hot
+    image_ids: np.ndarray
+    text_ids: np.ndarray
+    timing: dict = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def num_texts(self) -> int:
+        return int(self.text.shape[0])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _to(x, device):
+    if isinstance(x, dict):
+        return {k: v.to(device) for k, v in x.items()}
+    return x.to(device)
+
+
+@torch.inference_mode()
+def encode_split(run: Run, split: str = "test", device="cpu", batch_size: int | None = None,
+                 progress: bool = True, limit_batches: int | None = None) -> EncodedSplit:
+    """Encode every record of ``split`` with the run's model; ``timing`` holds per-side seconds."""
+    device = torch.device(device)
+    module = run.module.to(device).eval()
+    dm, cfg = run.datamodule, run.cfg
+    bs = batch_size or cfg.data.eval_batch_size
+    loader, _ = build_stream(dm.card, split, train=False, batch_size=bs, rank=0, world=1,
+                             num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=dm.epoch,
+                             tokenizer=dm.tokenizer, max_text_len=cfg.data.max_text_len, transform=dm.transform)
+
+    def image_side(images):
+        return module.image_head(module.image_encoder(images).vector)
+
+    def text_side(text):
+        return module.text_head(module.text_encoder(**text).vector)
+
+    parts = {k: [] for k in ("img", "txt", "image_ids", "labels", "text_ids", "text_image_ids")}
+    t_img = t_txt = 0.0
+    warm = False
+    bar = progress_bar(dm.card.num_images(split), f"encode {run.name} ({split})", progress, "img")
+    for i, batch in enumerate(loader):
+        if limit_batches is not None and i >= limit_batches:
+            break
+        images, text = _to(batch["images"], device), _to(batch["text"], device)
+        if not warm:  # one untimed pass: allocator, kernel selection, lazy init
+            image_side(images[:8])
+            text_side({k: v[:8] for k, v in text.items()})
+            warm = True
+        _sync(device)
+        t0 = time.perf_counter()
+        img = image_side(images)
+        _sync(device)
+        t1 = time.perf_counter()
+        txt = text_side(text)
+        _sync(device)
+        t_img += t1 - t0
+        t_txt += time.perf_counter() - t1
+        parts["img"].append(img.float().cpu())
+        parts["txt"].append(txt.float().cpu())
+        for key in ("image_ids", "labels", "text_ids", "text_image_ids"):
+            parts[key].append(batch[key].cpu())
+        bar.update(len(batch["image_ids"]))
+    bar.close()
+    if not parts["img"]:
+        raise RunError(f"{run.path}: split '{split}' yielded no records")
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    # id order, first copy of each id: what RetrievalMetrics.compute does with the same batches
+    img_order, _ = first_by_id(cat["image_ids"])
+    txt_order, _ = first_by_id(cat["text_ids"])
+    img_ids = cat["image_ids"][img_order]
+    txt_img = cat["text_image_ids"][txt_order]
+    caption_image = torch.searchsorted(img_ids, txt_img)
+    if bool((caption_image >= len(img_ids)).any()) or bool((img_ids[caption_image.clamp_max(len(img_ids) - 1)]
+                                                              != txt_img).any()):
+        raise RunError(f"{run.path}: captions of split '{split}' refer to images that were not read")
+    image, text = cat["img"][img_order], cat["txt"][txt_order]
+    if run.family == "hash":
+        image_gallery, text_gallery = pack_codes(binarize(image)), pack_codes(binarize(text))
+    else:
+        image_gallery, text_gallery = image, text
+    n, m = len(img_order), len(txt_order)
+    timing = {"device": str(device), "batch_size": bs, "threads": torch.get_num_threads(),
+              "image_seconds": t_img, "text_seconds": t_txt, "images": n, "texts": m,
+              "captions_per_batch": m / max(1, len(parts["img"]))}
+    return EncodedSplit(image.numpy(), text.numpy(), image_gallery.numpy(), text_gallery.numpy(),
+                        caption_image.numpy(), (cat["labels"][img_order] != 0).numpy().astype(np.uint8),
+                        img_ids.numpy(), cat["text_ids"][txt_order].numpy(), timing)

@@ -1,0 +1,92 @@
+"""Hashing objectives on relaxed (tanh) codes: UCCH's memory-bank contrast against sign keys and its
+cross-modal ranking loss; a supervised label-similarity term."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.objectives.distributed import gather_no_grad, gather_with_grad
+
+
+def cross_modal_ranking(hx: torch.Tensor, hy: torch.Tensor, margin: float, shift: float) -> torch.Tensor:
+    """UCCH's cross-modal ranking loss (CRL): a smooth upper bound of the summed hinge in which
+    negatives already outside the margin are shifted down by `shift` (down-weighted, not dropped)."""
+    hx_all, offset = gather_with_grad(hx)
+    hy_all, _ = gather_with_grad(hy)
+    rows = torch.arange(hx.shape[0], device=hx.device)
+    loss = hx.new_zeros(())
+    for query, gallery in ((hx, hy_all), (hy, hx_all)):
+        scores = query @ gallery.T
+        positive = scores[rows, rows + offset]
+        easy = (scores < positive[:, None] - margin).detach()
+        shifted = torch.where(easy, scores - shift, scores)
+        loss = loss + (margin - positive + torch.logsumexp(shifted, dim=1)).mean()
+    return loss
+
+
+def label_similarity(hx: torch.Tensor, hy: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """Supervised cross-modal pairwise loss (DCMH-style likelihood): an image and a caption are
+    similar when their multi-hot labels share a category. Binary cross-entropy on scaled cosines of
+    the relaxed codes, local rows against gathered columns, both directions."""
+    hx_all, _ = gather_with_grad(hx)
+    hy_all, _ = gather_with_grad(hy)
+    labels_all = gather_no_grad(labels)
+    similar = ((labels @ labels_all.T) > 0).to(hx.dtype)
+    loss = hx.new_zeros(())
+    for query, gallery in ((hx, hy_all), (hy, hx_all)):
+        logits = scale * F.normalize(query, dim=1) @ F.normalize(gallery, dim=1).T
+        loss = loss + F.binary_cross_entropy_with_logits(logits, similar)
+    return loss / 2
+
+
+class MemoryBankContrast(nn.Module):
+    """UCCH's contrastive hashing loss against sign keys of a momentum-updated memory bank.
+
+    The bank holds one L2-normalised vector per training image; its signs are the binary keys that
+    each modality's relaxed code is pulled towards. sign() never enters the autograd graph: the keys
+    are constants updated by momentum, the network trains on the continuous codes. UCCH draws K
+    negatives per sample; we draw one set of K per step for the whole batch (one matmul instead of
+    B*K gathers), seeded by the step so that every rank draws the same set.
+    """
+
+    def __init__(self, num_items: int, bits: int, tau: float, momentum: float, num_negatives: int, seed: int = 0):
+        super().__init__()
+        self.tau, self.momentum, self.num_negatives, self.seed = tau, momentum, num_negatives, seed
+        init = torch.sign(torch.rand(num_items, bits, generator=torch.Generator().manual_seed(seed)) - 0.5)
+        self.register_buffer("bank", F.normalize(init, dim=1))
+
+    def loss(self, h: torch.Tensor, idx: torch.Tensor, step: int, warmup: bool, partner: torch.Tensor) -> torch.Tensor:
+        """Loss of relaxed codes `h` [B, L] (tanh outputs) of bank items `idx`; `partner` is the other
+        modality's codes, used for the in-batch keys during warm-up."""
+        h = F.normalize(h, dim=1)
+        scale = 1.0 / (self.tau * math.sqrt(h.shape[1]))  # k·h/sqrt(L) is the cosine of h and the key
+        if warmup:  # in-batch negatives: keys from both modalities' mean, no memory yet
+            mean_all, offset = gather_with_grad(((h + F.normalize(partner, dim=1)) / 2).detach())
+            logits = h @ torch.sign(mean_all).T * scale
+            target = torch.arange(h.shape[0], device=h.device) + offset
+            return F.cross_entropy(logits, target)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
+        neg = torch.randint(len(self.bank), (self.num_negatives,), generator=gen).to(self.bank.device)
+        pos_logit = (h * torch.sign(self.bank[idx])).sum(1, keepdim=True)
+        neg_logits = h @ torch.sign(self.bank[neg]).T
+        logits = torch.cat([pos_logit, neg_logits], dim=1) * scale
+        return F.cross_entropy(logits, torch.zeros(h.shape[0], dtype=torch.long, device=h.device))
+
+    @torch.no_grad()
+    def update(self, hx: torch.Tensor, hy: torch.Tensor, idx: torch.Tensor, warmup: bool) -> None:
+        """v_i <- normalize(delta * v_i + (1 - delta) * t_i), t_i = normalize(mean of both modalities), on
+        every rank with the gathered batch so that all ranks keep identical banks. An item that occurs
+        more than once in the gathered batch is written once, with the mean of its t_i: a plain indexed
+        write of duplicates keeps an undefined one of them (CUDA), and the ranks' banks, of which only
+        rank 0's is checkpointed, could drift apart."""
+        target = F.normalize((F.normalize(hx, dim=1) + F.normalize(hy, dim=1)) / 2, dim=1)
+        target, idx = gather_no_grad(target), gather_no_grad(idx)
+        rows, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        # a [rows x batch] 0/1 matmul: the same deterministic sums on every rank (no atomics)
+        members = (inverse[None, :] == torch.arange(len(rows), device=idx.device)[:, None]).to(target.dtype)
+        mean = (members @ target) / members.sum(1, keepdim=True)
+        delta = 0.0 if warmup else self.momentum
+        self.bank[rows] = F.normalize(delta * self.bank[rows] + (1 - delta) * mean, dim=1)

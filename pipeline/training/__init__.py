@@ -1,0 +1,18 @@
+"""The training room: a config becomes a LightningModule (models + objective + the protocol on val/test),
+trained by a Lightning Trainer in a stable run directory, on one CPU, GPUs, or nodes under SLURM.
+
+    cli.py         train.py / fico-train: the whole run, start-up checks first
+    module.py      RetrievalModule: the training step, validation / test by the protocol, the optimiser
+    aligner.py     FineGrainedAligner (continuous embeddings)
+    hasher.py      CrossModalHasher (UCCH hashing)
+    build.py       a config's LightningModule with its encoders and heads
+    backbone.py    the shapes backbone: pretrained once, cached (python -m pipeline.backbone)
+    run_dir.py     the run directory: resume rules, W&B id, the checkpoint monitor
+    trainer.py     the Trainer: logger, checkpoints, callbacks
+    callbacks.py   throughput, skipped records, the data epoch, atomic checkpoints
+    requeue.py     SLURM pre-emption: checkpoint on every rank, requeue
+
+A new model family is a RetrievalModule subclass here (its objective in pipeline.objectives, its heads
+in pipeline.models) and a branch in build.py. May import config, data, models, objectives and
+evaluation; nothing imports it but inference, comparison and the entry points.
+"""

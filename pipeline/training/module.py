@@ -1,0 +1,91 @@
+"""The LightningModule both families share: encoders and heads are injected; it owns the training step,
+evaluation by the protocol on val/test, and the optimiser with its schedule. A subclass says what its
+heads are (`image_head`, `text_head`), its `objective` and its `gallery_features` (what retrieval
+compares: embeddings, or packed codes)."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+
+from pipeline.evaluation.metric import RetrievalMetrics
+
+
+class RetrievalModule(L.LightningModule):
+    """Shared by both families: training step, evaluation on val/test, optimiser and schedule.
+
+    Subclasses define the heads (`image_head`, `text_head`), `objective` and `gallery_features`."""
+
+    measure = "cosine"
+    ks: tuple[int, ...] = (1, 5, 10)
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optim: dict):
+        super().__init__()
+        self.image_encoder, self.text_encoder, self.optim = image_encoder, text_encoder, optim
+        self.val_metrics = RetrievalMetrics(measure=self.measure, ks=self.ks)
+        self.test_metrics = RetrievalMetrics(measure=self.measure, ks=self.ks)
+        self.test_results: dict[str, float] = {}
+
+    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.image_head(self.image_encoder(batch["images"]).vector)
+        txt = self.text_head(self.text_encoder(**batch["text"]).vector)
+        return img, txt
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        img, txt = self.embed(batch)
+        loss, parts = self.objective(img, txt, batch)
+        check_finite(loss, self.global_step)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()})
+        return loss
+
+    def _eval_step(self, batch: dict, metrics: RetrievalMetrics) -> None:
+        img, txt = self.embed(batch)
+        metrics.update(self.gallery_features(img), batch["image_ids"], batch["labels"],
+                       self.gallery_features(txt), batch["text_ids"], batch["text_image_ids"])
+
+    def _eval_end(self, metrics: RetrievalMetrics, stage: str) -> dict[str, float]:
+        results = {k: float(v) for k, v in metrics.compute().items()}
+        metrics.reset()
+        self.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=True)
+        return results
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end(self.val_metrics, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._eval_end(self.test_metrics, "test")
+
+    def configure_optimizers(self):
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]  # norms, biases, scales
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.optim["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.optim["lr"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.optim["warmup_steps"], total // 2)
+        cosine = self.optim["schedule"] == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss.item()} at step {step}: stopping. Lower optim.lr, check the data, or resume "
+            f"from the last checkpoint with a different seed.")
