@@ -50,7 +50,7 @@ class EncoderConfig:
     layers: int = 2  # tiny_bert layers
     heads: int = 2  # tiny_bert attention heads
     pooling: str = "cls"  # text: cls | mean
-    init: Optional[str] = None  # image cnn only: weights to start from, a .pt file or "shapes" (pipeline/backbone.py)
+    init: Optional[str] = None  # image cnn only: weights to start from, a .pt file or "shapes" (training/backbone.py)
     init_steps: int = 500  # pretraining steps of the "shapes" backbone (made once, cached in data/backbones)
     freeze: bool = False  # a fixed feature extractor: no gradients, BatchNorm statistics kept
 
