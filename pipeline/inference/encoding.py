@@ -21,9 +21,7 @@ import torch
 from pipeline.cli import progress_bar
 from pipeline.data import build_stream
 from pipeline.evaluation.metric import first_by_id
-from pipeline.evaluation.scores import pack_codes
 from pipeline.inference.runs import Run, RunError
-from pipeline.models.heads import binarize
 
 
 @dataclass
@@ -72,12 +70,7 @@ def encode_split(run: Run, split: str = "test", device="cpu", batch_size: int | 
                              num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=dm.epoch,
                              tokenizer=dm.tokenizer, max_text_len=cfg.data.max_text_len, transform=dm.transform)
 
-    def image_side(images):
-        return module.image_head(module.image_encoder(images).vector)
-
-    def text_side(text):
-        return module.text_head(module.text_encoder(**text).vector)
-
+    image_side, text_side = module.encode_images, module.encode_texts
     parts = {k: [] for k in ("img", "txt", "image_ids", "labels", "text_ids", "text_image_ids")}
     t_img = t_txt = 0.0
     warm = False
@@ -118,10 +111,7 @@ def encode_split(run: Run, split: str = "test", device="cpu", batch_size: int | 
                                                               != txt_img).any()):
         raise RunError(f"{run.path}: captions of split '{split}' refer to images that were not read")
     image, text = cat["img"][img_order], cat["txt"][txt_order]
-    if run.family == "hash":
-        image_gallery, text_gallery = pack_codes(binarize(image)), pack_codes(binarize(text))
-    else:
-        image_gallery, text_gallery = image, text
+    image_gallery, text_gallery = module.gallery_features(image), module.gallery_features(text)
     n, m = len(img_order), len(txt_order)
     timing = {"device": str(device), "batch_size": bs, "threads": torch.get_num_threads(),
               "image_seconds": t_img, "text_seconds": t_txt, "images": n, "texts": m,

@@ -16,7 +16,9 @@ from pipeline.evaluation.metric import RetrievalMetrics
 class RetrievalModule(L.LightningModule):
     """Shared by both families: training step, evaluation on val/test, optimiser and schedule.
 
-    Subclasses define the heads (`image_head`, `text_head`), `objective` and `gallery_features`."""
+    Subclasses define the heads (`image_head`, `text_head`), `objective` and `gallery_features`. Every tool
+    that uses a trained model (encoding, report, hybrid) goes through `encode_images` / `encode_texts` and
+    `gallery_features`, so a new family plugs in by defining them."""
 
     measure = "cosine"
     ks: tuple[int, ...] = (1, 5, 10)
@@ -28,10 +30,16 @@ class RetrievalModule(L.LightningModule):
         self.test_metrics = RetrievalMetrics(measure=self.measure, ks=self.ks)
         self.test_results: dict[str, float] = {}
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The continuous output of the image side (embeddings, or relaxed codes before sign)."""
+        return self.image_head(self.image_encoder(images).vector)
+
+    def encode_texts(self, text: dict) -> torch.Tensor:
+        """The same for captions; `text` is the text encoder's keyword inputs (a batch's `text`)."""
+        return self.text_head(self.text_encoder(**text).vector)
+
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        img = self.image_head(self.image_encoder(batch["images"]).vector)
-        txt = self.text_head(self.text_encoder(**batch["text"]).vector)
-        return img, txt
+        return self.encode_images(batch["images"]), self.encode_texts(batch["text"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         img, txt = self.embed(batch)
