@@ -6,6 +6,7 @@ trained by a Lightning Trainer in a stable run directory, on one CPU, GPUs, or n
     aligner.py     FineGrainedAligner (continuous embeddings)
     hasher.py      CrossModalHasher (UCCH hashing)
     build.py       a config's LightningModule with its encoders and heads
+    restore.py     a trained module back from its run folder (plain-data checkpoints only)
     backbone.py    the shapes backbone: pretrained once, cached (python -m pipeline.backbone)
     run_dir.py     the run directory: resume rules, W&B id, the checkpoint monitor
     trainer.py     the Trainer: logger, checkpoints, callbacks
