@@ -1,0 +1,157 @@
+"""One shard record -> tensors, and records -> a batch: decoding, checks, the image transform, tokenising.
+
+A record that fails to decode, has no caption, a label outside the card's categories or no index is
+skipped and counted (`RecordDecoder`); the counts ride along with the next batch to the main process.
+Feature shards (made by `python -m pipeline.features`) take the same path: `img.npy` replaces the
+pixels and each caption becomes its `txt.npy` row, so batches carry `images` [B, D] and
+`text` = {"features": [N, D]} for the `features` encoders.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_prep import TEXT_FEATURES_KEY
+from pipeline.data.seeds import stream_seed
+
+log = logging.getLogger(__name__)
+
+MAX_CAPTIONS = 1 << 16  # caption id = image index * MAX_CAPTIONS + caption number
+
+
+class RecordDecoder:
+    """Shard record -> {image tensor, index, labels, captions}; bad records are skipped and counted.
+
+    One instance lives in each worker; `pop_skips` hands the counts since the last batch to the
+    collate function, so that they reach the main process with the batch itself."""
+
+    LOG_EVERY = 100
+
+    def __init__(self, image_key: str, num_categories: int, transform: Callable[[Image.Image], torch.Tensor],
+                 features: bool = False):
+        self.image_key, self.num_categories, self.transform = image_key, num_categories, transform
+        self.features = features  # feature shards: image and caption vectors instead of pixels and text
+        self.skips: Counter = Counter()
+        self.seen: Counter = Counter()
+
+    def skip(self, reason: str, key: str, detail: str = "") -> None:
+        self.skips[reason] += 1
+        self.seen[reason] += 1
+        if self.seen[reason] == 1 or self.seen[reason] % self.LOG_EVERY == 0:
+            log.warning("skipped record %s (%s, %d so far in this worker) %s", key, reason, self.seen[reason], detail)
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset handler for unreadable or truncated shards: count and carry on."""
+        self.skip("unreadable_shard", str(exn.args[-1]) if exn.args else "?", repr(exn)[:200])
+        return True
+
+    def pop_skips(self) -> dict:
+        out, self.skips = dict(self.skips), Counter()
+        return out
+
+    def decode(self, sample: dict) -> dict | None:
+        key = sample.get("__key__", "?")
+        try:
+            meta = json.loads(sample["json"])
+            if self.features:
+                pixels = _npy(sample[self.image_key])
+                text_rows = _npy(sample[TEXT_FEATURES_KEY])
+            else:
+                image = Image.open(io.BytesIO(sample[self.image_key])).convert("RGB")
+                pixels = self.transform(image)
+        except Exception as e:  # any corrupt or missing member: skip, never crash the run
+            self.skip("undecodable", key, repr(e)[:200])
+            return None
+        captions = meta.get("captions", [])
+        if self.features:  # from here on a caption is its row of text features
+            if len(text_rows) != len(captions):
+                self.skip("feature_mismatch", key, f"{len(text_rows)} text feature rows for {len(captions)} captions")
+                return None
+            captions = [row for c, row in zip(captions, text_rows) if isinstance(c, str) and c.strip()]
+        else:
+            captions = [c for c in captions if isinstance(c, str) and c.strip()]
+        if not captions:
+            self.skip("no_caption", key)
+            return None
+        labels = meta.get("labels", [])
+        if any(not isinstance(l, int) or not 0 <= l < self.num_categories for l in labels):
+            self.skip("bad_label", key, f"labels {labels} outside 0..{self.num_categories - 1}")
+            return None
+        if not isinstance(meta.get("index"), int):
+            self.skip("no_index", key)
+            return None
+        return {"image": pixels, "index": meta["index"], "labels": labels, "captions": captions}
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            record = self.decode(sample)
+            if record is not None:
+                yield record
+
+
+def _npy(data: bytes) -> torch.Tensor:
+    """An .npy member (float16 or float32) as a float32 tensor."""
+    return torch.tensor(np.load(io.BytesIO(data), allow_pickle=False), dtype=torch.float32)
+
+
+def image_transform(size: int, mean, std) -> Callable[[Image.Image], torch.Tensor]:
+    mean_t = torch.tensor(mean).view(3, 1, 1)
+    std_t = torch.tensor(std).view(3, 1, 1)
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (pixels.float() / 255.0 - mean_t) / std_t
+
+    return transform
+
+
+class Collate:
+    """Records -> a batch: `images`, `image_ids`, `labels` (multi-hot), `text` (the text encoder's
+    keyword inputs) and `skipped`. Training: one random caption per image. Evaluation: every
+    caption, with `text_ids` and `text_image_ids` that tie each caption to its image (never
+    their positions)."""
+
+    def __init__(self, decoder: RecordDecoder, tokenizer, max_len: int, train: bool, seed: int, rank: int):
+        self.decoder, self.tokenizer, self.max_len, self.train = decoder, tokenizer, max_len, train
+        self.seed, self.rank, self.rng = seed, rank, None
+
+    def tokenize(self, texts: list) -> dict:
+        """The text encoder's keyword inputs (feature shards: the caption vectors, no tokenizer)."""
+        if self.tokenizer is None:
+            return {"features": torch.stack(texts)}
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+
+    def __call__(self, records: list[dict]) -> dict:
+        if self.rng is None:  # created in the worker, so that each worker draws its own captions
+            self.rng = random.Random(stream_seed(self.seed, 0, self.rank) ^ 0xCA9)
+        labels = torch.zeros(len(records), self.decoder.num_categories)
+        for row, r in enumerate(records):
+            labels[row, r["labels"]] = 1.0
+        batch = {"images": torch.stack([r["image"] for r in records]),
+                 "image_ids": torch.tensor([r["index"] for r in records], dtype=torch.long),
+                 "labels": labels}
+        if self.train:
+            batch["text"] = self.tokenize([self.rng.choice(r["captions"]) for r in records])
+        else:
+            texts, text_ids, text_image_ids = [], [], []
+            for r in records:
+                for j, caption in enumerate(r["captions"][:MAX_CAPTIONS]):
+                    texts.append(caption)
+                    text_ids.append(r["index"] * MAX_CAPTIONS + j)
+                    text_image_ids.append(r["index"])
+            batch["text"] = self.tokenize(texts)
+            batch["text_ids"] = torch.tensor(text_ids, dtype=torch.long)
+            batch["text_image_ids"] = torch.tensor(text_image_ids, dtype=torch.long)
+        batch["skipped"] = self.decoder.pop_skips()
+        return batch
