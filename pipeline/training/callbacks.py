@@ -3,7 +3,6 @@ and an atomic checkpoint writer."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from data_prep import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_open(path) as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
