@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import webdataset as wds
 
 from data_prep import DatasetCard
-from pipeline.data.records import Collate, RecordDecoder
+from pipeline.data.records import Collate, RandomCrop, RecordDecoder
 from pipeline.data.seeds import SharedEpoch, stream_seed, worker_slot
 
 
@@ -117,11 +117,13 @@ def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int):
 
 def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int, rank: int, world: int,
                  num_workers: int, seed: int, epoch: SharedEpoch, tokenizer, max_text_len: int,
-                 transform: Callable, shuffle_buffer: int = 1000,
-                 steps_per_epoch: int | None = None) -> tuple[Iterable, int | None]:
+                 transform: Callable, shuffle_buffer: int = 1000, steps_per_epoch: int | None = None,
+                 augment: str = "none") -> tuple[Iterable, int | None]:
     """The loader for one split on one rank, and its number of batches (None for evaluation, where
-    it depends on how the shards fall across ranks)."""
+    it depends on how the shards fall across ranks). `augment=crop` crops training images at random."""
     urls = card.shards(split)
+    if train and augment == "crop":
+        transform = RandomCrop(transform, seed, epoch, rank)
     decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features))
     collate = Collate(decoder, None if card.features else tokenizer, max_text_len, train, seed, rank)
     if train:

@@ -52,6 +52,7 @@ from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.data import RecordDecoder, image_transform, load_tokenizer  # noqa: E402
 from pipeline.models.encoders import FEATURES, build_image_encoder, build_text_encoder  # noqa: E402
 from pipeline.training.backbone import resolve_init  # noqa: E402
+from pipeline.training.build import complete_config, model_tokenizer  # noqa: E402
 
 log = logging.getLogger("features")
 
@@ -134,7 +135,7 @@ class FrozenEncoders:
         try:
             image = build_image_encoder(cfg.model.image_encoder, resolve_init(cfg))
             text = build_text_encoder(cfg.model.text_encoder, len(tokenizer), cfg.data.max_text_len,
-                                      tokenizer.pad_token_id or 0)
+                                      tokenizer.pad_token_id or 0, cfg.model.text_encoder.init)
         except OSError as e:  # a hub name offline, a wrong local path
             raise InputError(f"cannot load an encoder ({str(e).splitlines()[0]}); point model.*_encoder.name "
                              f"at a local folder made with save_pretrained") from None
@@ -225,7 +226,7 @@ def _device(name: str) -> torch.device:
 def build_features(args: argparse.Namespace) -> dict:
     """Write (or finish, or confirm) the feature dataset in args.out; returns its card."""
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = complete_config(load_config(args.config, args.overrides))
         card = DatasetCard.read(args.shards)
         tasks = [Task(split, Path(name).name, path) for split in card.splits
                  for name, path in zip(card.splits[split]["shards"], card.shards(split))]
@@ -241,7 +242,7 @@ def build_features(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     precision = ("bf16" if device.type == "cuda" else "32") if args.precision == "auto" else args.precision
     try:
-        tokenizer = load_tokenizer(card, cfg.data.tokenizer)
+        tokenizer = model_tokenizer(cfg) or load_tokenizer(card, cfg.data.tokenizer)
     except (DataError, OSError) as e:
         raise InputError(f"cannot load the tokenizer ({str(e).splitlines()[0]}); point data.tokenizer at a "
                          f"local folder made with save_pretrained") from None
