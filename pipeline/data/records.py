@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep import TEXT_FEATURES_KEY
+from data_prep import TEXT_FEATURES_KEY, caption_of
 from pipeline.data.seeds import stream_seed
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,11 @@ class RecordDecoder:
     LOG_EVERY = 100
 
     def __init__(self, image_key: str, num_categories: int, transform: Callable[[Image.Image], torch.Tensor],
-                 features: bool = False):
+                 features: bool = False, first_index: dict[str, int] | None = None):
         self.image_key, self.num_categories, self.transform = image_key, num_categories, transform
         self.features = features  # feature shards: image and caption vectors instead of pixels and text
+        # shards made by others (card layout wds): shard -> index of its first record; no json index there
+        self.first_index = first_index
         self.skips: Counter = Counter()
         self.seen: Counter = Counter()
 
@@ -61,7 +63,7 @@ class RecordDecoder:
     def decode(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
         try:
-            meta = json.loads(sample["json"])
+            meta = json.loads(sample["json"]) if self.first_index is None else self.wds_meta(sample)
             if self.features:
                 pixels = _npy(sample[self.image_key])
                 text_rows = _npy(sample[TEXT_FEATURES_KEY])
@@ -90,6 +92,13 @@ class RecordDecoder:
             self.skip("no_index", key)
             return None
         return {"image": pixels, "index": meta["index"], "labels": labels, "captions": captions}
+
+    def wds_meta(self, sample: dict) -> dict:
+        """What our json holds, for a record in the common layout: its caption (txt, or json's caption)
+        and its index, its shard's first index plus its position in the shard (the scan's numbering)."""
+        caption = caption_of({k: sample[k] for k in ("txt", "json") if k in sample})
+        return {"index": self.first_index[sample["__url__"]] + sample["__position__"],
+                "captions": [caption] if caption else [], "labels": []}
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         for sample in src:

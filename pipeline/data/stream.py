@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 
-from data_prep import DatasetCard
+from data_prep import WDS_LAYOUT, DatasetCard
 from pipeline.data.records import Collate, RandomCrop, RecordDecoder
 from pipeline.data.seeds import SharedEpoch, stream_seed, worker_slot
 
@@ -70,6 +70,7 @@ def epoch_records(sizes: dict[str, int], seed: int, epoch: SharedEpoch, rank: in
                     if position >= end:
                         break
                     if position >= first:
+                        sample["__position__"] = position  # wds-layout records get their index from it
                         yield sample
 
     return stream
@@ -107,6 +108,18 @@ def split_shards(urls: list[str], rank: int, world: int) -> Callable[[], Iterato
     return stream
 
 
+def positioned_samples(handler):
+    """Each shard's samples, with their position in the shard (as `epoch_records` gives them)."""
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        for item in src:
+            for position, sample in enumerate(wds.tarfile_to_samples(handler=handler)(iter([item]))):
+                sample["__position__"] = position
+                yield sample
+
+    return stage
+
+
 def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int):
     def stage(src: Iterable) -> Iterator:
         rng = random.Random(stream_seed(seed, epoch.get(), rank) ^ 0x5EED)
@@ -124,7 +137,8 @@ def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int,
     urls = card.shards(split)
     if train and augment == "crop":
         transform = RandomCrop(transform, seed, epoch, rank)
-    decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features))
+    decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features),
+                            first_index=card.first_index(split) if card.layout == WDS_LAYOUT else None)
     collate = Collate(decoder, None if card.features else tokenizer, max_text_len, train, seed, rank)
     if train:
         # one pass over the records (or passes, for a fixed number of steps); shuffle the encoded records,
@@ -135,7 +149,7 @@ def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int,
                   seeded_shuffle(shuffle_buffer, seed, epoch, rank), PadForever(batch_size, seed, epoch, rank),
                   decoder, wds.batched(batch_size, collation_fn=collate, partial=False)]
     else:
-        stages = [split_shards(urls, rank, world), wds.tarfile_to_samples(handler=decoder.handler),
+        stages = [split_shards(urls, rank, world), positioned_samples(decoder.handler),
                   decoder, wds.batched(batch_size, collation_fn=collate, partial=True)]
     dataset = wds.DataPipeline(*stages)
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,

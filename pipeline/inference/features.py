@@ -45,8 +45,8 @@ import webdataset as wds  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 
 from data_prep import (CARD_NAME, IMAGE_FEATURES_KEY, IMAGE_TOKENS_KEY, TEXT_FEATURES_KEY,  # noqa: E402
-                       TEXT_MASK_KEY, TEXT_TOKENS_KEY, DataError, DatasetCard, InputError, ResumableBuild,
-                       make_card, split_entry, write_shard)
+                       TEXT_MASK_KEY, TEXT_TOKENS_KEY, WDS_LAYOUT, DataError, DatasetCard, InputError,
+                       ResumableBuild, make_card, split_entry, write_shard)
 from pipeline.cli import progress_bar  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.data import RecordDecoder, image_transform, load_tokenizer  # noqa: E402
@@ -234,6 +234,9 @@ def build_features(args: argparse.Namespace) -> dict:
         raise InputError(str(e)) from None
     if card.features:
         raise InputError(f"{args.shards} already holds feature shards: point --shards at an image dataset")
+    if card.layout == WDS_LAYOUT:
+        raise InputError(f"{args.shards} reads shards made by others in place (data_prep wds), whose records "
+                         f"carry no json of ours to copy: feature shards are made from our own shards only")
     fp, source_config = _fingerprint(card, cfg, args)
     build = ResumableBuild(args.out, fp)
     if (finished := build.finished()) is not None:

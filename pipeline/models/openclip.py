@@ -73,16 +73,14 @@ def create_model(name: str, init: str | None, key: str) -> nn.Module:
 
 
 def statistics(name: str, init: str | None) -> tuple[list[float], list[float]]:
-    """The image normalisation the backbone was trained with: its pretrained tag's, else its
-    architecture's, else CLIP's."""
+    """The image normalisation the backbone was trained with: its pretrained tag's, else CLIP's (what
+    open_clip itself uses for a model without one)."""
     open_clip = import_open_clip()
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    arch = architecture(name)
-    tag_cfg = open_clip.get_pretrained_cfg(arch, init) if init else {}
-    pre = (open_clip.get_model_config(arch) or {}).get("preprocess_cfg", {})
-    mean = tag_cfg.get("mean") or pre.get("mean") or OPENAI_DATASET_MEAN
-    std = tag_cfg.get("std") or pre.get("std") or OPENAI_DATASET_STD
+    tag_cfg = open_clip.get_pretrained_cfg(architecture(name), init) if init else {}
+    mean = tag_cfg.get("mean") or OPENAI_DATASET_MEAN
+    std = tag_cfg.get("std") or OPENAI_DATASET_STD
     return [float(v) for v in mean], [float(v) for v in std]
 
 
