@@ -89,8 +89,8 @@ def main(argv=None) -> int:
         folder.mkdir()
         captions = write_split(args.data, args.split, folder)
         rows = [measure(run, folder, captions, args) for run in args.runs]
-    print(f"| run | representation | items | index build (images/s) | query, one at a time (ms) | "
-          f"query, batched (ms/query) | index bytes / item |")
+    print("| run | representation | items | index build (images/s) | query, one at a time (ms) | "
+          "query, batched (ms/query) | index bytes / item |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['run']} | {r['representation']} | {r['items']} | {r['images_per_s']:.0f} | "

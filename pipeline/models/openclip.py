@@ -14,6 +14,7 @@ The text tower is causal and pools at its end-of-text token, as open_clip's own 
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def create_model(name: str, init: str | None, key: str) -> nn.Module:
     """The open_clip model (text as its own tower), its weights from `init`: a pretrained tag, a file, or
     None (random)."""
     open_clip = import_open_clip()
-    model_config(name, key)
+    model_config(name, f"{key}.name")
     arch = architecture(name)
     if init is not None and not Path(init).expanduser().is_file() and not open_clip.is_pretrained_cfg(arch, init):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
@@ -67,7 +68,8 @@ def create_model(name: str, init: str | None, key: str) -> nn.Module:
     pretrained = str(Path(init).expanduser()) if init and Path(init).expanduser().is_file() else init
     try:
         return open_clip.create_model(arch, pretrained=pretrained, force_custom_text=True)
-    except (OSError, RuntimeError, ValueError) as e:  # offline, a file that does not fit
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # offline, a file that does not fit
+        # (or holds Python objects: open_clip loads files weights_only too)
         raise ConfigError(f"config key '{key}.init': cannot load open_clip:{arch} weights {init!r} "
                           f"({str(e).splitlines()[0][:200]}); give a local checkpoint file, or null") from None
 

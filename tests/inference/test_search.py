@@ -32,6 +32,7 @@ def test_split(shapes_tiny, tmp_path_factory):
 
 
 def search(capsys, *args) -> list[dict]:
+    capsys.readouterr()  # what earlier commands printed
     assert search_cli(list(map(str, args))) == 0, capsys.readouterr().err
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 

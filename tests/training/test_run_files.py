@@ -66,3 +66,21 @@ def test_restore_needs_no_bank_but_every_other_weight(tiny_runs, tmp_path):
     torch.save(ckpt, ckpt_path)
     with pytest.raises(RunError, match="missing"):
         restore_module(run)
+
+
+def test_best_checkpoint_is_uploaded_online_only(tmp_path, monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.training import trainer
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"weights")
+    logged = []
+    monkeypatch.setattr("wandb.log_artifact", lambda artifact, aliases: logged.append((artifact, aliases)))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert load_config("hash_64bit.yaml").logger.log_model is False  # off by default
+    cfg = load_config("hash_64bit.yaml", ["logger.log_model=true"])
+    assert trainer.upload_best_checkpoint(cfg, tmp_path, {"rsum": 1.0}) is False and not logged
+    monkeypatch.setenv("WANDB_MODE", "online")  # the artifact is made; the upload itself is stubbed out here
+    assert trainer.upload_best_checkpoint(cfg, tmp_path, {"rsum": 1.0}) is True
+    (artifact, aliases), = logged
+    assert artifact.type == "model" and aliases == ["best", "latest"] and artifact.metadata["test"] == {"rsum": 1.0}
