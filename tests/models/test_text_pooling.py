@@ -13,7 +13,8 @@ def clip_text():
 
     torch.manual_seed(0)
     return CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, max_position_embeddings=16)).eval()
+                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=1,
+                                        eos_token_id=2, pad_token_id=0)).eval()
 
 
 def _captions():
