@@ -1,7 +1,7 @@
 """Search with trained runs: index build speed, query time and index size per item, per family.
 
     python benchmarks/bench_search.py RUN [RUN ...] [--data data/shapes] [--split test] [--queries 200]
-        [--repeats 3] [--workers 2] [--out benchmarks/out/bench_search.json]
+        [--repeats 3] [--workers 2] [--threads N] [--out benchmarks/out/bench_search.json]
 
 The gallery is the split's images written out as files (the shard's own bytes), indexed with each run
 in turn (`build_image_index`: listing, decoding in --workers processes, encoding, writing the blocks;
@@ -80,10 +80,14 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; on a shared "
+                   "machine 1 avoids threads spinning for each other)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "bench_search.json")
     args = p.parse_args(argv)
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
