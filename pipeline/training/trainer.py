@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from pipeline.config import to_dict, trainer_devices
-from pipeline.training.provenance import read as read_provenance
 from pipeline.training.callbacks import AtomicCheckpointIO, DataEpoch, DataHealthMonitor, ThroughputMonitor
+from pipeline.training.provenance import read as read_provenance
 from pipeline.training.requeue import slurm_preemption
 from pipeline.training.run_dir import slurm_job_tag, wandb_run_id
 
