@@ -40,7 +40,7 @@ from data_prep import build_shapes  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import RetrievalDataModule  # noqa: E402
 from pipeline.inference.features import main as features_main  # noqa: E402
-from pipeline.training.build import build_module  # noqa: E402
+from pipeline.training.build import build_module, complete_config  # noqa: E402
 
 
 class StepTimer(L.Callback):
@@ -71,9 +71,10 @@ def save_vit_bert(folder: Path, vocab_size: int) -> dict[str, str]:
 
 def steps_per_s(data_root: Path, encoders: list[str], batch: int, warmup: int, steps: int, frozen: bool,
                 workers: int) -> float:
-    cfg = load_config("hash_64bit.yaml", [f"data.root={data_root}", f"data.batch_size={batch}",
-                                          f"data.num_workers={workers}", f"data.steps_per_epoch={warmup + steps}",
-                                          "logger.wandb=false", *encoders])
+    cfg = complete_config(load_config("hash_64bit.yaml", [f"data.root={data_root}", f"data.batch_size={batch}",
+                                                          f"data.num_workers={workers}",
+                                                          f"data.steps_per_epoch={warmup + steps}",
+                                                          "logger.wandb=false", *encoders]))
     dm = RetrievalDataModule(cfg.data, seed=0)
     model = build_module(cfg, dm.card.num_images("train"), len(dm.tokenizer), dm.tokenizer.pad_token_id or 0)
     if frozen:

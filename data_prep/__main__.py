@@ -5,6 +5,7 @@
          --instances instances_train2014.json instances_val2014.json --out DIR
   python -m data_prep flickr30k --karpathy dataset_flickr30k.json --images DIR [--labels FILE] --out DIR
   python -m data_prep manifest --jsonl FILE --images DIR --out DIR
+  python -m data_prep wds --train 'shards/train-*.tar' [--val GLOB] [--test GLOB] --out DIR   (read in place)
   (feature shards: python -m pipeline.features --shards DIR --config CFG --out DIR [--tokens])
 
 Exit status: 0 written (bad inputs are skipped and summarised), 1 nothing usable
@@ -150,6 +151,25 @@ def _run_manifest(args) -> int:
         skips), made_with)
 
 
+# ---- shards made by others ----------------------------------------------------------
+
+def _add_wds(sub) -> None:
+    p = sub.add_parser("wds", help="image-text shards made by others (img2dataset / open_clip layout), read in place")
+    for split in ("train", "val", "test"):
+        p.add_argument(f"--{split}", required=split == "train", help=f"a glob of the {split} shards (quote it)")
+    p.add_argument("--out", required=True, type=Path, help="where the card and tokenizer go (not the shard folder)")
+    p.add_argument("--name", default=None, help="dataset name (default: the --out folder's name)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary size")
+    p.set_defaults(run=_run_wds)
+
+
+def _run_wds(args) -> int:
+    from .wds import build_wds_card
+    globs = {split: getattr(args, split) for split in ("train", "val", "test") if getattr(args, split)}
+    build_wds_card(globs, args.out, args.name, args.vocab_size)
+    return 0
+
+
 # ---- feature shards ----------------------------------------------------------------
 
 def _add_features(sub) -> None:
@@ -186,7 +206,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_shapes, _add_coco, _add_flickr30k, _add_manifest, _add_features):
+    for add in (_add_shapes, _add_coco, _add_flickr30k, _add_manifest, _add_wds, _add_features):
         add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="data_prep: %(message)s")

@@ -72,6 +72,7 @@ class DatasetCard:
     tokenizer: str | None
     splits: dict
     features: dict | None = None  # feature shards: {"image_dim", "text_dim", "source_config", ...}
+    layout: str = "fico"  # "wds": shards made by others, read where they are (data_prep/wds.py)
 
     @classmethod
     def read(cls, root: str | Path) -> "DatasetCard":
@@ -81,7 +82,7 @@ class DatasetCard:
                             f"`python -m data_prep ...`, or leave data.root empty for the shapes default")
         raw = read_card(root)
         return cls(root, raw["name"], list(raw["categories"]), raw.get("image_key", "png"),
-                   raw.get("tokenizer"), raw["splits"], raw.get("features"))
+                   raw.get("tokenizer"), raw["splits"], raw.get("features"), raw.get("layout", "fico"))
 
     def shards(self, split: str) -> list[str]:
         if split not in self.splits:
@@ -92,6 +93,10 @@ class DatasetCard:
             raise DataError(f"{len(missing)} shard(s) of split '{split}' are missing, e.g. {missing[0]}: "
                             f"re-run data_prep into {self.root}")
         return paths
+
+    def first_index(self, split: str) -> dict[str, int]:
+        """wds layout: shard path -> the split index of its first record (records carry no index)."""
+        return dict(zip(self.shards(split), map(int, self.splits[split]["first_index"])))
 
     def num_images(self, split: str) -> int:
         return int(self.splits[split]["num_images"])

@@ -67,8 +67,9 @@ def choose_vocab(counts: Counter, vocab_size: int, min_frequency: int = 1) -> li
 
 
 def build_wordpiece(captions: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
-                    min_frequency: int = 1) -> Tokenizer:
-    vocab = choose_vocab(count_words(captions), vocab_size, min_frequency)
+                    min_frequency: int = 1, counts: Counter | None = None) -> Tokenizer:
+    """From `captions`, or from their word counts (`count_words`, added up over chunks of a stream)."""
+    vocab = choose_vocab(count_words(captions) if counts is None else counts, vocab_size, min_frequency)
     ids = {token: i for i, token in enumerate(vocab)}
     tok = Tokenizer(models.WordPiece(ids, unk_token="[UNK]", continuing_subword_prefix=PREFIX,
                                      max_input_chars_per_word=100))
@@ -86,12 +87,13 @@ def build_wordpiece(captions: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZ
 
 
 def train_wordpiece(captions: Iterable[str], out_path, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                    min_frequency: int = 1) -> int:
-    """Build from `captions` (training split only) and save to `out_path` atomically.
+                    min_frequency: int = 1, counts: Counter | None = None) -> int:
+    """Build from `captions` (training split only), or their word `counts`, and save to `out_path`
+    atomically.
 
     Returns the vocabulary size reached (below `vocab_size` when the captions
     hold fewer distinct words).
     """
-    tok = build_wordpiece(captions, vocab_size, min_frequency)
+    tok = build_wordpiece(captions, vocab_size, min_frequency, counts)
     atomic_write_bytes(Path(out_path), tok.to_str(pretty=True).encode("utf-8"))
     return tok.get_vocab_size()

@@ -36,21 +36,23 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     steps_per_epoch: Optional[int] = None  # None: one pass over the training images across all ranks
-    image_size: int = 64
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    image_size: int = 64  # evaluation resizes the shorter side to this and centre-crops a square
+    mean: Optional[list[float]] = None  # None: the image encoder's own (open_clip's, else 0.5 ...)
+    std: Optional[list[float]] = None  # None: the image encoder's own (open_clip's, else 0.25 ...)
+    augment: str = "none"  # none | crop (random resized crops in training; captions may name position, size)
     max_text_len: int = 48  # shapes captions reach 36 tokens; truncation would drop objects
-    tokenizer: Optional[str] = None  # None: tokenizer.json of the dataset; else a hub name or local path
+    tokenizer: Optional[str] = None  # None: the dataset's tokenizer.json (open_clip text: its own); a hub name or path
 
 
 @dataclass
 class EncoderConfig:
-    name: str = "cnn"  # image: cnn | a transformers vision model; text: tiny_bert | a transformers text model
+    name: str = "cnn"  # image: cnn | a transformers vision model; text: tiny_bert | a transformers text model;
+    # either side: open_clip:<architecture> (the open_clip extra; its tokenizer comes with the text side)
     width: int = 128  # cnn channels of the last stage / tiny_bert hidden size
     layers: int = 2  # tiny_bert layers
     heads: int = 2  # tiny_bert attention heads
-    pooling: str = "cls"  # text: cls | mean
-    init: Optional[str] = None  # image cnn only: weights to start from, a .pt file or "shapes" (training/backbone.py)
+    pooling: str = "auto"  # text: auto (eot for causal models such as CLIP's, else cls) | cls | eot | mean
+    init: Optional[str] = None  # weights to start from: cnn: a .pt file or "shapes"; open_clip: a tag or a file
     init_steps: int = 500  # pretraining steps of the "shapes" backbone (made once, cached in data/backbones)
     freeze: bool = False  # a fixed feature extractor: no gradients, BatchNorm statistics kept
 
@@ -119,6 +121,7 @@ class LoggerConfig:
     entity: Optional[str] = None
     mode: Optional[str] = None  # online | offline | disabled; None: online when logged in, else offline
     tags: list[str] = field(default_factory=list)
+    log_model: bool = False  # upload best.ckpt as a W&B model artifact at the end (online runs only)
 
 
 @dataclass
@@ -147,8 +150,9 @@ class Config:
 
 CHOICES = {
     "model.kind": ("hash", "fine_grained"),
-    "model.text_encoder.pooling": ("cls", "mean"),
-    "model.image_encoder.pooling": ("cls", "mean"),
+    "model.text_encoder.pooling": ("auto", "cls", "eot", "mean"),
+    "model.image_encoder.pooling": ("auto", "cls", "eot", "mean"),
+    "data.augment": ("none", "crop"),
     "align.loss": ("infonce", "vse_max_violation"),
     "optim.schedule": ("cosine", "constant"),
     "logger.mode": (None, "online", "offline", "disabled"),
@@ -277,8 +281,8 @@ def _checks(cfg: DictConfig) -> list[tuple[bool, str, str]]:
         (d.steps_per_epoch is None or d.steps_per_epoch >= 1, "data.steps_per_epoch", "must be null or >= 1"),
         (d.image_size > 0, "data.image_size", "must be positive"),
         (d.max_text_len > 1, "data.max_text_len", "must be at least 2 (the special tokens)"),
-        (len(d.mean) == 3 and len(d.std) == 3, "data.mean/std", "need 3 values (RGB)"),
-        (all(v > 0 for v in d.std), "data.std", "must be positive"),
+        (all(v is None or len(v) == 3 for v in (d.mean, d.std)), "data.mean/std", "need 3 values (RGB) or null"),
+        (d.std is None or all(v > 0 for v in d.std), "data.std", "must be positive"),
         (m.bits > 0 and m.bits % 8 == 0, "model.bits",
          f"must be a positive multiple of 8 (codes are packed into bytes), got {m.bits}"),
         (m.embed_dim > 0, "model.embed_dim", "must be positive"),
@@ -322,12 +326,15 @@ def _checks(cfg: DictConfig) -> list[tuple[bool, str, str]]:
             (enc.name != "tiny_bert" or enc.width % enc.heads == 0, f"model.{side}_encoder.heads",
              f"must divide model.{side}_encoder.width ({enc.width})"),
         ]
+    open_clip = [enc.name.startswith("open_clip:") for enc in (img, txt)]
     checks += [
-        (img.init is None or img.name == "cnn", "model.image_encoder.init",
-         "loads weights into the cnn only (transformers models load theirs by name); set it to null"),
-        (img.init in (None, "shapes") or Path(img.init).expanduser().is_file(), "model.image_encoder.init",
+        (img.init is None or img.name == "cnn" or open_clip[0], "model.image_encoder.init",
+         "loads weights into the cnn or an open_clip tower (transformers models load theirs by name); set it to null"),
+        (img.init in (None, "shapes") or open_clip[0] or Path(img.init).expanduser().is_file(),
+         "model.image_encoder.init",
          f"is {img.init!r}: no such file; give a weights file, \"shapes\" (the built-in shapes backbone) or null"),
-        (txt.init is None, "model.text_encoder.init", "is for the image cnn only; text models load their weights by name"),
+        (txt.init is None or open_clip[1], "model.text_encoder.init",
+         "is for the cnn and open_clip towers only; transformers text models load their weights by name"),
         (img.init_steps > 0, "model.image_encoder.init_steps", "must be positive"),
     ]
     return checks
@@ -335,10 +342,8 @@ def _checks(cfg: DictConfig) -> list[tuple[bool, str, str]]:
 
 def devices_ok(devices) -> bool:
     """What Lightning's Trainer(devices=...) accepts."""
-    if isinstance(devices, bool):
-        return False
-    if isinstance(devices, int):
-        return devices >= 1 or devices == -1
+    if isinstance(devices, (bool, int)):
+        return not isinstance(devices, bool) and (devices >= 1 or devices == -1)
     if isinstance(devices, str):
         text = devices.strip()
         if text in ("auto", "-1"):
@@ -353,13 +358,9 @@ def devices_ok(devices) -> bool:
 
 
 def limit_ok(limit) -> bool:
-    if limit is None:
-        return True
-    if isinstance(limit, bool):
-        return False
-    if isinstance(limit, int):
-        return limit >= 1
-    return isinstance(limit, float) and 0.0 < limit <= 1.0
+    if limit is None or isinstance(limit, bool):
+        return limit is None
+    return limit >= 1 if isinstance(limit, int) else isinstance(limit, float) and 0.0 < limit <= 1.0
 
 
 def _is_key(dotted: str) -> bool:

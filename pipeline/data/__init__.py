@@ -9,11 +9,12 @@ models, objectives or metrics.
 """
 from data_prep import DataError, DatasetCard
 from pipeline.data.datamodule import (NoTokenizer, RetrievalDataModule, check_model_inputs, load_tokenizer,
-                                      resolve_dataset)
-from pipeline.data.records import MAX_CAPTIONS, Collate, RecordDecoder, image_transform
+                                      resolve_dataset, wordpiece_tokenizer)
+from pipeline.data.records import MAX_CAPTIONS, Collate, RecordDecoder, center_square, image_transform, tokenize
 from pipeline.data.seeds import SharedEpoch
 from pipeline.data.stream import build_stream, shard_runs, train_steps
 
 __all__ = ["Collate", "DataError", "DatasetCard", "MAX_CAPTIONS", "NoTokenizer", "RecordDecoder",
-           "RetrievalDataModule", "SharedEpoch", "build_stream", "check_model_inputs", "image_transform",
-           "load_tokenizer", "resolve_dataset", "shard_runs", "train_steps"]
+           "RetrievalDataModule", "SharedEpoch", "build_stream", "center_square", "check_model_inputs",
+           "image_transform", "load_tokenizer", "resolve_dataset", "shard_runs", "tokenize", "train_steps",
+           "wordpiece_tokenizer"]

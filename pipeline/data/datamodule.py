@@ -17,15 +17,22 @@ log = logging.getLogger(__name__)
 def load_tokenizer(card: DatasetCard, override: str | None = None):
     """The dataset's own tokenizer.json (trained by data_prep on training captions), or a pretrained
     tokenizer by hub name / local path when the config names one."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     if override:
         return AutoTokenizer.from_pretrained(override)
     if not card.tokenizer or not (card.root / card.tokenizer).is_file():
         raise DataError(f"{card.root} has no tokenizer.json: re-run data_prep, or set data.tokenizer "
                         f"to a pretrained tokenizer (hub name or local path)")
-    return PreTrainedTokenizerFast(tokenizer_file=str(card.root / card.tokenizer), pad_token="[PAD]",
-                                   unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return wordpiece_tokenizer(card.root / card.tokenizer)
+
+
+def wordpiece_tokenizer(path):
+    """A tokenizer.json written by data_prep (its special tokens named; see data_prep/tokenizer.py)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
 class NoTokenizer:
@@ -73,13 +80,17 @@ def resolve_dataset(cfg_data) -> Path:
 
 
 class RetrievalDataModule(L.LightningDataModule):
-    """Shards of one dataset for train / val / test; rank and world size come from the trainer."""
+    """Shards of one dataset for train / val / test; rank and world size come from the trainer.
+    `tokenizer`: the text encoder's own when it has one (open_clip's), else the dataset's (or
+    data.tokenizer)."""
 
-    def __init__(self, cfg_data, seed: int = 0):
+    def __init__(self, cfg_data, seed: int = 0, tokenizer=None):
         super().__init__()
         self.cfg, self.seed = cfg_data, seed
         self.card = DatasetCard.read(resolve_dataset(cfg_data))
-        self.tokenizer = NoTokenizer() if self.card.features else load_tokenizer(self.card, cfg_data.tokenizer)
+        if tokenizer is None:
+            tokenizer = NoTokenizer() if self.card.features else load_tokenizer(self.card, cfg_data.tokenizer)
+        self.tokenizer = tokenizer
         self.epoch = SharedEpoch()
         self.transform = image_transform(cfg_data.image_size, cfg_data.mean, cfg_data.std)
         self.num_train_batches: int | None = None
@@ -105,7 +116,7 @@ class RetrievalDataModule(L.LightningDataModule):
             self.card, split, train=train, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
             rank=rank, world=world, num_workers=self.cfg.num_workers, seed=self.seed, epoch=self.epoch,
             tokenizer=self.tokenizer, max_text_len=self.cfg.max_text_len, transform=self.transform,
-            shuffle_buffer=self.cfg.shuffle_buffer, steps_per_epoch=self.cfg.steps_per_epoch)
+            shuffle_buffer=self.cfg.shuffle_buffer, steps_per_epoch=self.cfg.steps_per_epoch, augment=self.cfg.augment)
         if train:
             self.num_train_batches = n
         return loader

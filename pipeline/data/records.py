@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
 from collections import Counter
 from typing import Callable, Iterable, Iterator
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep import TEXT_FEATURES_KEY
+from data_prep import TEXT_FEATURES_KEY, caption_of
 from pipeline.data.seeds import stream_seed
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,11 @@ class RecordDecoder:
     LOG_EVERY = 100
 
     def __init__(self, image_key: str, num_categories: int, transform: Callable[[Image.Image], torch.Tensor],
-                 features: bool = False):
+                 features: bool = False, first_index: dict[str, int] | None = None):
         self.image_key, self.num_categories, self.transform = image_key, num_categories, transform
         self.features = features  # feature shards: image and caption vectors instead of pixels and text
+        # shards made by others (card layout wds): shard -> index of its first record; no json index there
+        self.first_index = first_index
         self.skips: Counter = Counter()
         self.seen: Counter = Counter()
 
@@ -60,7 +63,7 @@ class RecordDecoder:
     def decode(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
         try:
-            meta = json.loads(sample["json"])
+            meta = json.loads(sample["json"]) if self.first_index is None else self.wds_meta(sample)
             if self.features:
                 pixels = _npy(sample[self.image_key])
                 text_rows = _npy(sample[TEXT_FEATURES_KEY])
@@ -90,6 +93,13 @@ class RecordDecoder:
             return None
         return {"image": pixels, "index": meta["index"], "labels": labels, "captions": captions}
 
+    def wds_meta(self, sample: dict) -> dict:
+        """What our json holds, for a record in the common layout: its caption (txt, or json's caption)
+        and its index, its shard's first index plus its position in the shard (the scan's numbering)."""
+        caption = caption_of({k: sample[k] for k in ("txt", "json") if k in sample})
+        return {"index": self.first_index[sample["__url__"]] + sample["__position__"],
+                "captions": [caption] if caption else [], "labels": []}
+
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         for sample in src:
             record = self.decode(sample)
@@ -103,16 +113,66 @@ def _npy(data: bytes) -> torch.Tensor:
 
 
 def image_transform(size: int, mean, std) -> Callable[[Image.Image], torch.Tensor]:
+    """Evaluation's preprocessing: the shorter side resized to `size` (bicubic), the centre square cut
+    out (what CLIP-family backbones expect; squashing to a square would distort shapes), normalised."""
+    if mean is None or std is None:
+        raise ValueError("image_transform needs data.mean and data.std: resolve them from the image encoder "
+                         "first (pipeline.training.build.complete_config)")
     mean_t = torch.tensor(mean).view(3, 1, 1)
     std_t = torch.tensor(std).view(3, 1, 1)
 
     def transform(image: Image.Image) -> torch.Tensor:
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BICUBIC)
+        image = center_square(image, size)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         return (pixels.float() / 255.0 - mean_t) / std_t
 
     return transform
+
+
+def center_square(image: Image.Image, size: int) -> Image.Image:
+    """The shorter side resized to `size`, then the centre `size` x `size` square."""
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class RandomCrop:
+    """Training augmentation `data.augment=crop`: a random crop of 60-100 % of the image's area (aspect
+    3:4 to 4:3), then evaluation's preprocessing of that crop. No flips: captions name left and right.
+    Seeded per (seed, epoch, rank, worker), so a run and its resume draw the same crops."""
+
+    SCALE, RATIO, TRIES = (0.6, 1.0), (3 / 4, 4 / 3), 10
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], seed: int, epoch, rank: int):
+        self.transform, self.seed, self.epoch, self.rank = transform, seed, epoch, rank
+        self.rng, self.rng_epoch = None, None
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.rng_epoch != self.epoch.get():
+            self.rng_epoch = self.epoch.get()
+            self.rng = random.Random(stream_seed(self.seed, self.rng_epoch, self.rank) ^ 0xC209)
+        width, height = image.size
+        for _ in range(self.TRIES):
+            area = width * height * self.rng.uniform(*self.SCALE)
+            ratio = math.exp(self.rng.uniform(math.log(self.RATIO[0]), math.log(self.RATIO[1])))
+            crop_w, crop_h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < crop_w <= width and 0 < crop_h <= height:
+                left, top = self.rng.randint(0, width - crop_w), self.rng.randint(0, height - crop_h)
+                image = image.crop((left, top, left + crop_w, top + crop_h))
+                break
+        return self.transform(image)
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int) -> dict:
+    """Captions -> the text encoder's keyword inputs, padded to the longest (what every tool feeds
+    `encode_texts`, so that a caption gives the same vector in training, evaluation and search)."""
+    tok = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
 
 class Collate:
@@ -129,8 +189,7 @@ class Collate:
         """The text encoder's keyword inputs (feature shards: the caption vectors, no tokenizer)."""
         if self.tokenizer is None:
             return {"features": torch.stack(texts)}
-        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
-        return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+        return tokenize(self.tokenizer, texts, self.max_len)
 
     def __call__(self, records: list[dict]) -> dict:
         if self.rng is None:  # created in the worker, so that each worker draws its own captions

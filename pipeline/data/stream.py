@@ -19,8 +19,8 @@ from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 
-from data_prep import DatasetCard
-from pipeline.data.records import Collate, RecordDecoder
+from data_prep import WDS_LAYOUT, DatasetCard
+from pipeline.data.records import Collate, RandomCrop, RecordDecoder
 from pipeline.data.seeds import SharedEpoch, stream_seed, worker_slot
 
 
@@ -70,6 +70,7 @@ def epoch_records(sizes: dict[str, int], seed: int, epoch: SharedEpoch, rank: in
                     if position >= end:
                         break
                     if position >= first:
+                        sample["__position__"] = position  # wds-layout records get their index from it
                         yield sample
 
     return stream
@@ -107,6 +108,18 @@ def split_shards(urls: list[str], rank: int, world: int) -> Callable[[], Iterato
     return stream
 
 
+def positioned_samples(handler):
+    """Each shard's samples, with their position in the shard (as `epoch_records` gives them)."""
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        for item in src:
+            for position, sample in enumerate(wds.tarfile_to_samples(handler=handler)(iter([item]))):
+                sample["__position__"] = position
+                yield sample
+
+    return stage
+
+
 def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int):
     def stage(src: Iterable) -> Iterator:
         rng = random.Random(stream_seed(seed, epoch.get(), rank) ^ 0x5EED)
@@ -117,12 +130,15 @@ def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int):
 
 def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int, rank: int, world: int,
                  num_workers: int, seed: int, epoch: SharedEpoch, tokenizer, max_text_len: int,
-                 transform: Callable, shuffle_buffer: int = 1000,
-                 steps_per_epoch: int | None = None) -> tuple[Iterable, int | None]:
+                 transform: Callable, shuffle_buffer: int = 1000, steps_per_epoch: int | None = None,
+                 augment: str = "none") -> tuple[Iterable, int | None]:
     """The loader for one split on one rank, and its number of batches (None for evaluation, where
-    it depends on how the shards fall across ranks)."""
+    it depends on how the shards fall across ranks). `augment=crop` crops training images at random."""
     urls = card.shards(split)
-    decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features))
+    if train and augment == "crop":
+        transform = RandomCrop(transform, seed, epoch, rank)
+    decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features),
+                            first_index=card.first_index(split) if card.layout == WDS_LAYOUT else None)
     collate = Collate(decoder, None if card.features else tokenizer, max_text_len, train, seed, rank)
     if train:
         # one pass over the records (or passes, for a fixed number of steps); shuffle the encoded records,
@@ -133,7 +149,7 @@ def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int,
                   seeded_shuffle(shuffle_buffer, seed, epoch, rank), PadForever(batch_size, seed, epoch, rank),
                   decoder, wds.batched(batch_size, collation_fn=collate, partial=False)]
     else:
-        stages = [split_shards(urls, rank, world), wds.tarfile_to_samples(handler=decoder.handler),
+        stages = [split_shards(urls, rank, world), positioned_samples(decoder.handler),
                   decoder, wds.batched(batch_size, collation_fn=collate, partial=True)]
     dataset = wds.DataPipeline(*stages)
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,

@@ -45,13 +45,14 @@ import webdataset as wds  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 
 from data_prep import (CARD_NAME, IMAGE_FEATURES_KEY, IMAGE_TOKENS_KEY, TEXT_FEATURES_KEY,  # noqa: E402
-                       TEXT_MASK_KEY, TEXT_TOKENS_KEY, DataError, DatasetCard, InputError, ResumableBuild,
-                       make_card, split_entry, write_shard)
+                       TEXT_MASK_KEY, TEXT_TOKENS_KEY, WDS_LAYOUT, DataError, DatasetCard, InputError,
+                       ResumableBuild, make_card, split_entry, write_shard)
 from pipeline.cli import progress_bar  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.data import RecordDecoder, image_transform, load_tokenizer  # noqa: E402
 from pipeline.models.encoders import FEATURES, build_image_encoder, build_text_encoder  # noqa: E402
 from pipeline.training.backbone import resolve_init  # noqa: E402
+from pipeline.training.build import complete_config, model_tokenizer  # noqa: E402
 
 log = logging.getLogger("features")
 
@@ -134,7 +135,7 @@ class FrozenEncoders:
         try:
             image = build_image_encoder(cfg.model.image_encoder, resolve_init(cfg))
             text = build_text_encoder(cfg.model.text_encoder, len(tokenizer), cfg.data.max_text_len,
-                                      tokenizer.pad_token_id or 0)
+                                      tokenizer.pad_token_id or 0, cfg.model.text_encoder.init)
         except OSError as e:  # a hub name offline, a wrong local path
             raise InputError(f"cannot load an encoder ({str(e).splitlines()[0]}); point model.*_encoder.name "
                              f"at a local folder made with save_pretrained") from None
@@ -225,7 +226,7 @@ def _device(name: str) -> torch.device:
 def build_features(args: argparse.Namespace) -> dict:
     """Write (or finish, or confirm) the feature dataset in args.out; returns its card."""
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = complete_config(load_config(args.config, args.overrides))
         card = DatasetCard.read(args.shards)
         tasks = [Task(split, Path(name).name, path) for split in card.splits
                  for name, path in zip(card.splits[split]["shards"], card.shards(split))]
@@ -233,6 +234,9 @@ def build_features(args: argparse.Namespace) -> dict:
         raise InputError(str(e)) from None
     if card.features:
         raise InputError(f"{args.shards} already holds feature shards: point --shards at an image dataset")
+    if card.layout == WDS_LAYOUT:
+        raise InputError(f"{args.shards} reads shards made by others in place (data_prep wds), whose records "
+                         f"carry no json of ours to copy: feature shards are made from our own shards only")
     fp, source_config = _fingerprint(card, cfg, args)
     build = ResumableBuild(args.out, fp)
     if (finished := build.finished()) is not None:
@@ -241,7 +245,7 @@ def build_features(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     precision = ("bf16" if device.type == "cuda" else "32") if args.precision == "auto" else args.precision
     try:
-        tokenizer = load_tokenizer(card, cfg.data.tokenizer)
+        tokenizer = model_tokenizer(cfg) or load_tokenizer(card, cfg.data.tokenizer)
     except (DataError, OSError) as e:
         raise InputError(f"cannot load the tokenizer ({str(e).splitlines()[0]}); point data.tokenizer at a "
                          f"local folder made with save_pretrained") from None

@@ -7,19 +7,19 @@ pieces) are there for token-level alignment objectives.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.models import openclip
+from pipeline.models.encoded import Encoded
 
+__all__ = ["Encoded", "FEATURES", "build_image_encoder", "build_text_encoder", "image_statistics"]
 
-@dataclass
-class Encoded:
-    vector: torch.Tensor  # [B, D]
-    tokens: torch.Tensor  # [B, T, D]
-    mask: torch.Tensor  # [B, T] bool, True where a token is real
+CNN_STATISTICS = ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])  # what the shapes cnn is trained with
+# text models whose attention is causal: the first token sees nothing, so they pool at the end of the text
+CAUSAL_TEXT_TYPES = ("clip_text_model", "clip", "gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "opt")
 
 
 class SmallCNN(nn.Module):
@@ -64,13 +64,22 @@ class HFVisionEncoder(nn.Module):
 
 
 class HFTextEncoder(nn.Module):
-    """Any transformers text model (BERT-style, CLIP's text tower, ...)."""
+    """Any transformers text model (BERT-style, CLIP's text tower, ...).
 
-    def __init__(self, model: nn.Module, pooling: str = "cls"):
+    Pooling: `cls` the first token (BERT's [CLS]); `eot` the last real token, where a causal model
+    (CLIP's text tower, GPT-style) has seen the whole caption (its first token is the same vector for
+    every caption); `mean` the mean over real tokens; `auto` eot for causal models, else cls."""
+
+    def __init__(self, model: nn.Module, pooling: str = "auto"):
         super().__init__()
         self.model = getattr(model, "text_model", model)
-        self.pooling = pooling
-        self.out_dim = self.model.config.hidden_size
+        config = self.model.config
+        causal = bool(getattr(config, "is_decoder", False)) or config.model_type in CAUSAL_TEXT_TYPES
+        if causal and pooling == "cls":
+            raise ConfigError(f"config key 'model.text_encoder.pooling' is cls: the first token of a causal text "
+                              f"model ({config.model_type}) is the same for every caption; use auto or eot")
+        self.pooling = ("eot" if causal else "cls") if pooling == "auto" else pooling
+        self.out_dim = config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
         tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -78,6 +87,9 @@ class HFTextEncoder(nn.Module):
         if self.pooling == "mean":
             weights = mask.unsqueeze(-1).to(tokens.dtype)
             vector = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+        elif self.pooling == "eot":  # the last real token, whichever side the padding is on
+            last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+            vector = tokens[torch.arange(len(tokens), device=tokens.device), last]
         else:
             vector = tokens[:, 0]
         return Encoded(vector, tokens, mask)
@@ -110,6 +122,7 @@ class Frozen(nn.Module):
         super().__init__()
         self.encoder = encoder.requires_grad_(False)
         self.out_dim = encoder.out_dim
+        self.token_dim = getattr(encoder, "token_dim", encoder.out_dim)
         self.train(False)
 
     def train(self, mode: bool = True) -> "Frozen":
@@ -138,15 +151,26 @@ def load_weights(encoder: nn.Module, path) -> nn.Module:
     return encoder
 
 
+def image_statistics(cfg) -> tuple[list[float], list[float]]:
+    """(mean, std) of the image encoder's own input normalisation (`cfg`: model.image_encoder), what
+    data.mean / data.std default to: open_clip's of the backbone, else the shapes cnn's."""
+    if openclip.is_open_clip(cfg.name):
+        return openclip.statistics(cfg.name, cfg.init)
+    return list(CNN_STATISTICS[0]), list(CNN_STATISTICS[1])
+
+
 def build_image_encoder(cfg, init=None) -> nn.Module:
-    """`cfg` is a config's model.image_encoder section; `init` a weights file for the cnn
-    (pipeline.training.backbone.resolve_init resolves `cfg.init`; None starts from random weights)."""
+    """`cfg` is a config's model.image_encoder section; `init` where its weights come from (resolved by
+    pipeline.training.backbone.resolve_init): a weights file for the cnn, a pretrained tag or a file for
+    open_clip; None starts from random weights."""
     if cfg.name == "cnn":
         encoder = SmallCNN(width=cfg.width)
         if init is not None:
             load_weights(encoder, init)
     elif cfg.name == FEATURES:
         encoder = FeatureInput(cfg.width)
+    elif openclip.is_open_clip(cfg.name):
+        encoder = openclip.build_vision(cfg, None if init is None else str(init))
     else:
         from transformers import AutoModel
 
@@ -154,15 +178,18 @@ def build_image_encoder(cfg, init=None) -> nn.Module:
     return Frozen(encoder) if cfg.freeze else encoder
 
 
-def build_text_encoder(cfg, vocab_size: int, max_len: int, pad_token_id: int = 0) -> nn.Module:
-    """`cfg` is a config's model.text_encoder section; tiny_bert is built from scratch (no download)."""
-    encoder = _text_encoder(cfg, vocab_size, max_len, pad_token_id)
+def build_text_encoder(cfg, vocab_size: int, max_len: int, pad_token_id: int = 0, init=None) -> nn.Module:
+    """`cfg` is a config's model.text_encoder section; tiny_bert is built from scratch (no download);
+    `init`: an open_clip text tower's weights (a pretrained tag or a file), None for random ones."""
+    encoder = _text_encoder(cfg, vocab_size, max_len, pad_token_id, init)
     return Frozen(encoder) if cfg.freeze else encoder
 
 
-def _text_encoder(cfg, vocab_size: int, max_len: int, pad_token_id: int) -> nn.Module:
+def _text_encoder(cfg, vocab_size: int, max_len: int, pad_token_id: int, init) -> nn.Module:
     if cfg.name == FEATURES:
         return FeatureInput(cfg.width)
+    if openclip.is_open_clip(cfg.name):
+        return openclip.build_text(cfg, init)
     if cfg.name == "tiny_bert":
         from transformers import BertConfig, BertModel
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from data_prep import SHAPES, atomic_open, single_object_images
 from pipeline.config import ConfigError, load_config
-from pipeline.data.records import image_transform
-from pipeline.models.encoders import SmallCNN
+from pipeline.data import image_transform
+from pipeline.models.encoders import SmallCNN, image_statistics
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,17 @@ def shapes_backbone(width: int, image_size: int, mean, std, steps: int, cache_di
     return path
 
 
-def resolve_init(cfg) -> Path | None:
+def resolve_init(cfg) -> Path | str | None:
     """The weights file `model.image_encoder.init` names (`shapes`: the cached backbone above)."""
     enc = cfg.model.image_encoder
+    if enc.name != "cnn":  # open_clip: a pretrained tag or a file, which open_clip resolves
+        return enc.init
     if enc.init != "shapes":
         return Path(enc.init).expanduser() if enc.init else None
-    return shapes_backbone(enc.width, cfg.data.image_size, cfg.data.mean, cfg.data.std, enc.init_steps,
+    own_mean, own_std = image_statistics(enc)  # data.mean / std when the config leaves them to the encoder
+    mean = own_mean if cfg.data.mean is None else cfg.data.mean
+    std = own_std if cfg.data.std is None else cfg.data.std
+    return shapes_backbone(enc.width, cfg.data.image_size, mean, std, enc.init_steps,
                            Path(cfg.data.shapes_dir).expanduser().parent / "backbones", cfg.run.seed)
 
 

@@ -1,7 +1,10 @@
-"""A config's LightningModule: encoders and heads built from the config and injected."""
+"""A config's LightningModule: encoders and heads built from the config and injected; and what the
+config leaves to the encoders (their image statistics, their own tokenizer)."""
 from __future__ import annotations
 
-from pipeline.models.encoders import build_image_encoder, build_text_encoder
+from pipeline.config import ConfigError
+from pipeline.models import openclip
+from pipeline.models.encoders import build_image_encoder, build_text_encoder, image_statistics
 from pipeline.training.aligner import FineGrainedAligner
 from pipeline.training.backbone import resolve_init
 from pipeline.training.hasher import CrossModalHasher
@@ -13,12 +16,38 @@ def module_class(cfg) -> type[RetrievalModule]:
     return FineGrainedAligner if cfg.model.kind == "fine_grained" else CrossModalHasher
 
 
+def complete_config(cfg):
+    """Fills in what the config leaves to the image encoder, in place: data.mean / data.std when null
+    (the backbone's own statistics), so that the resolved config a run saves says what it used. Checks
+    that an open_clip image tower gets the image size it was built for."""
+    enc = cfg.model.image_encoder
+    if cfg.data.mean is None or cfg.data.std is None:
+        mean, std = image_statistics(enc)
+        cfg.data.mean = cfg.data.mean if cfg.data.mean is not None else mean
+        cfg.data.std = cfg.data.std if cfg.data.std is not None else std
+    if openclip.is_open_clip(enc.name) and (size := openclip.image_size(enc.name)) != cfg.data.image_size:
+        raise ConfigError(f"config key 'data.image_size' is {cfg.data.image_size}, but {enc.name} takes "
+                          f"{size} x {size} images: set data.image_size={size}")
+    return cfg
+
+
+def model_tokenizer(cfg):
+    """The text encoder's own tokenizer when it has one (open_clip's, unless data.tokenizer names
+    another), else None: the dataset's tokenizer.json, or data.tokenizer."""
+    name = cfg.model.text_encoder.name
+    if openclip.is_open_clip(name) and not cfg.data.tokenizer:
+        return openclip.OpenClipTokenizer(name)
+    return None
+
+
 def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int = 0,
                  load_init: bool = True) -> RetrievalModule:
-    """The config's module. `load_init=False` skips `model.image_encoder.init` (and pretraining the
-    shapes backbone): for a module whose weights come from a checkpoint next."""
+    """The config's module. `load_init=False` skips `model.*_encoder.init` (and pretraining the shapes
+    backbone): for a module whose weights come from a checkpoint next."""
     image_encoder = build_image_encoder(cfg.model.image_encoder, resolve_init(cfg) if load_init else None)
-    text_encoder = build_text_encoder(cfg.model.text_encoder, vocab_size, cfg.data.max_text_len, pad_token_id)
+    text_init = cfg.model.text_encoder.init if load_init else None
+    text_encoder = build_text_encoder(cfg.model.text_encoder, vocab_size, cfg.data.max_text_len, pad_token_id,
+                                      text_init)
     optim = {k: cfg.optim[k] for k in ("lr", "weight_decay", "warmup_steps", "schedule")}
     if cfg.model.kind == "fine_grained":
         a = cfg.align

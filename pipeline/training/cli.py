@@ -33,8 +33,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from pipeline.training.build import complete_config, model_tokenizer
+
     try:  # every start-up problem is one line naming it and the fix, before any training
-        cfg = load_config(args.config, args.overrides)
+        cfg = complete_config(load_config(args.config, args.overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -45,8 +47,8 @@ def main(argv=None) -> int:
     from pipeline.data import DataError, RetrievalDataModule, check_model_inputs
 
     try:
-        datamodule = RetrievalDataModule(cfg.data, seed=cfg.run.seed)
-    except DataError as e:
+        datamodule = RetrievalDataModule(cfg.data, seed=cfg.run.seed, tokenizer=model_tokenizer(cfg))
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -57,9 +59,11 @@ def main(argv=None) -> int:
     from pipeline.evaluation.protocol import metric_names
     from pipeline.evaluation.table import format_table
     from pipeline.training.build import build_module, module_class
+    from pipeline.training.provenance import RecordProvenance
     from pipeline.training.run_dir import (FINISHED, RUN_DIR_ENV, check_resume, choose_monitor, record_resume,
                                            resolve_run_dir, resume_checkpoint)
-    from pipeline.training.trainer import build_trainer
+    from pipeline.training.run_files import save_inputs
+    from pipeline.training.trainer import build_trainer, upload_best_checkpoint
 
     run_dir = resolve_run_dir(cfg)
     tok = datamodule.tokenizer
@@ -76,13 +80,14 @@ def main(argv=None) -> int:
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
-    trainer = build_trainer(cfg, run_dir, monitor)
+    trainer = build_trainer(cfg, run_dir, monitor, [RecordProvenance(run_dir, cfg, datamodule.card)])
     if trainer.is_global_zero:
         if note:
             logging.getLogger("train").warning(note)
         if resume:
             record_resume(run_dir, resume, changes)
         atomic_write_bytes(run_dir / "config.yaml", to_yaml(cfg).encode())  # other ranks may be reading it
+        save_inputs(run_dir, cfg, datamodule.card, tok)  # tokenizer and categories: inference needs no dataset
 
     ckpt = None
     if cfg.run.train:
@@ -97,6 +102,7 @@ def main(argv=None) -> int:
         (run_dir / FINISHED).write_text(json.dumps(results, indent=2) + "\n")
         print("\n" + format_table(results, f"{cfg.run.name}: test ({'trained' if cfg.run.train else 'untrained'})"))
         print(f"\nrun directory: {run_dir}")
+        upload_best_checkpoint(cfg, run_dir, results)
         if cfg.logger.wandb:
             import wandb
 

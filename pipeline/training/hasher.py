@@ -17,6 +17,7 @@ class CrossModalHasher(RetrievalModule):
 
     measure = "hamming"
     ks = (1, 5, 10, 50, 100, 200)
+    training_only_state = ("bank.",)  # the memory bank: one key per training image
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optim: dict, bits: int,
                  head_hidden: int, num_train_items: int, alpha: float = 0.7, tau: float = 0.9,

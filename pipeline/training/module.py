@@ -17,11 +17,15 @@ class RetrievalModule(L.LightningModule):
     """Shared by both families: training step, evaluation on val/test, optimiser and schedule.
 
     Subclasses define the heads (`image_head`, `text_head`), `objective` and `gallery_features`. Every tool
-    that uses a trained model (encoding, report, hybrid) goes through `encode_images` / `encode_texts` and
-    `gallery_features`, so a new family plugs in by defining them."""
+    that uses a trained model (encoding, report, hybrid, search, export) goes through `encode_images` /
+    `encode_texts`, `gallery_features` and `measure`, so a new family plugs in by defining them; state
+    that only training needs is named in `training_only_state`."""
 
     measure = "cosine"
     ks: tuple[int, ...] = (1, 5, 10)
+    # state-dict prefixes only training needs (UCCH's memory bank, sized by the training set): left out
+    # of exports and never required to load a trained module for inference
+    training_only_state: tuple[str, ...] = ()
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optim: dict):
         super().__init__()
@@ -37,6 +41,22 @@ class RetrievalModule(L.LightningModule):
     def encode_texts(self, text: dict) -> torch.Tensor:
         """The same for captions; `text` is the text encoder's keyword inputs (a batch's `text`)."""
         return self.text_head(self.text_encoder(**text).vector)
+
+    def is_training_only(self, key: str) -> bool:
+        return any(key.startswith(prefix) for prefix in self.training_only_state)
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights that encoding and retrieval use: the state dict without `training_only_state`."""
+        return {k: v for k, v in self.state_dict().items() if not self.is_training_only(k)}
+
+    def load_inference_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads `state` (a checkpoint's state dict, or an export's weights) strictly, except for
+        `training_only_state`, which may be absent or of another size (another training set)."""
+        missing, unexpected = self.load_state_dict({k: v for k, v in state.items() if not self.is_training_only(k)},
+                                                   strict=False)
+        missing = [k for k in missing if not self.is_training_only(k)]
+        if missing or unexpected:
+            raise RuntimeError(f"weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_images(batch["images"]), self.encode_texts(batch["text"])

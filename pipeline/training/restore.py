@@ -1,44 +1,97 @@
-"""A trained module back from its run folder: the run's own resolved config rebuilds the encoders and
-heads (injected, as in training), and the checkpoint's weights go in strictly (a mismatch is an error,
-never a silently half-loaded model). Checkpoints load as plain data only (weights_only): a run folder
-from someone else cannot run code here. Used by the inference tools, and by training where one run
-learns from another (a teacher)."""
+"""A trained module back from its folder: a run folder (`train.py`'s) or an export folder (`python -m
+pipeline.export`'s), the one place that knows how to rebuild one. The folder's own resolved config
+rebuilds the encoders and heads (injected, as in training); its own tokenizer and category names
+(run_files.py) stand in for the dataset, which is not needed; the weights go in strictly, except the
+state only training needs (UCCH's memory bank), which is neither needed nor checked. Checkpoints load
+as plain data only (weights_only) and exports are safetensors: a folder from someone else cannot run
+code here. Used by the inference tools, and by training where one run learns from another (a teacher).
+
+    cfg, module, inputs, weights = restore_module("runs/hash_64bit")
+"""
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError, RetrievalDataModule
-from pipeline.training.build import build_module
+from pipeline.training.build import build_module, complete_config, model_tokenizer
+from pipeline.training.run_dir import FINISHED
+from pipeline.training.run_files import RunInputs, has_inputs, inputs_of, read_inputs
+
+log = logging.getLogger(__name__)
+
+EXPORT_WEIGHTS = "model.safetensors"
 
 
 class RunError(ValueError):
     """A run directory that cannot be used, explained in one line."""
 
 
-def restore_module(run_dir, overrides: list[str] = (), checkpoint: str = "best"):
-    """(config, module in eval mode, its datamodule, the checkpoint file) of the run in `run_dir`:
-    `checkpoints/<checkpoint>.ckpt`, falling back to `last.ckpt`. `overrides` apply to the saved config
-    (e.g. data.root=... when the data moved)."""
+class Restored(NamedTuple):
+    cfg: object  # the folder's resolved config (with `overrides` applied)
+    module: torch.nn.Module  # in eval mode, on the CPU
+    inputs: RunInputs  # its tokenizer, image preprocessing and category names
+    weights: Path  # the file the weights came from: a checkpoint, or an export's model.safetensors
+
+
+def restore_module(run_dir, overrides: list[str] = (), checkpoint: str = "best") -> Restored:
+    """The module of the run or export in `run_dir`. A run's weights: `checkpoints/<checkpoint>.ckpt`,
+    falling back to `last.ckpt`; an export's: model.safetensors. `overrides` apply to the saved config
+    (e.g. data.root=... for a run made before run folders held their tokenizer, whose data moved)."""
     path = Path(run_dir)
     if not (path / "config.yaml").is_file():
-        raise RunError(f"{path}: no config.yaml (not a run directory written by train.py)")
+        raise RunError(f"{path}: no config.yaml (not a run directory written by train.py, nor an export)")
     try:
-        cfg = load_config(str(path / "config.yaml"), list(overrides))
-        dm = RetrievalDataModule(cfg.data, seed=cfg.run.seed)
-    except (ConfigError, DataError) as e:
-        raise RunError(f"{path}: {e}") from None
-    ckpt = next((p for p in (path / "checkpoints" / f"{name}.ckpt" for name in (checkpoint, "last"))
-                 if p.is_file()), None)
-    if ckpt is None:
-        raise RunError(f"{path}: no checkpoints/{checkpoint}.ckpt or last.ckpt")
-    tok = dm.tokenizer
-    module = build_module(cfg, dm.card.num_images("train"), len(tok), tok.pad_token_id or 0, load_init=False)
-    module.load_state_dict(load_checkpoint(ckpt)["state_dict"], strict=True)
-    return cfg, module.eval(), dm, ckpt
+        cfg = complete_config(load_config(str(path / "config.yaml"), list(overrides)))
+        inputs = read_inputs(path, cfg) if has_inputs(path) else _inputs_from_dataset(path, cfg)
+    except (ConfigError, DataError, OSError) as e:
+        raise RunError(f"{path}: {str(e).splitlines()[0]}") from None
+    weights = weights_file(path, checkpoint)
+    state = read_weights(weights)
+    tok = inputs.tokenizer
+    module = build_module(cfg, 1, len(tok), tok.pad_token_id or 0, load_init=False)  # the bank: training only
+    try:
+        module.load_inference_state(state)
+    except RuntimeError as e:
+        raise RunError(f"{weights}: {str(e).splitlines()[0]}") from None
+    return Restored(cfg, module.eval(), inputs, weights)
+
+
+def _inputs_from_dataset(path: Path, cfg) -> RunInputs:
+    """A run made before run folders held their inputs: its dataset's tokenizer and categories."""
+    log.warning("%s holds no model.json: reading its tokenizer and categories from its dataset", path)
+    dm = RetrievalDataModule(cfg.data, seed=cfg.run.seed, tokenizer=model_tokenizer(cfg))
+    return inputs_of(cfg, dm.card, dm.tokenizer)
+
+
+def weights_file(path: Path, checkpoint: str = "best") -> Path:
+    if (path / EXPORT_WEIGHTS).is_file() and not (path / "checkpoints").is_dir():
+        return path / EXPORT_WEIGHTS
+    found = next((p for p in (path / "checkpoints" / f"{name}.ckpt" for name in (checkpoint, "last")) if p.is_file()),
+                 None)
+    if found is None:
+        raise RunError(f"{path}: no checkpoints/{checkpoint}.ckpt or last.ckpt, and no {EXPORT_WEIGHTS}")
+    if checkpoint == "best" and found.name == "last.ckpt" and (path / FINISHED).is_file():
+        log.warning("%s: no best.ckpt; using last.ckpt", path)
+    return found
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint (plain data only) or a safetensors file."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise RunError(f"{path}: not a readable safetensors file ({e})") from None
+    return load_checkpoint(path)["state_dict"]
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -1,6 +1,7 @@
 """The Trainer of a run: its logger (W&B or CSV), checkpointing, callbacks and pre-emption handling."""
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
@@ -11,8 +12,11 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from pipeline.config import to_dict, trainer_devices
 from pipeline.training.callbacks import AtomicCheckpointIO, DataEpoch, DataHealthMonitor, ThroughputMonitor
+from pipeline.training.provenance import read as read_provenance
 from pipeline.training.requeue import slurm_preemption
 from pipeline.training.run_dir import slurm_job_tag, wandb_run_id
+
+log = logging.getLogger(__name__)
 
 
 def wandb_mode(configured: str | None) -> str:
@@ -40,12 +44,12 @@ def build_logger(cfg, run_dir: Path):
                        tags=list(cfg.logger.tags), config=to_dict(cfg))
 
 
-def build_trainer(cfg, run_dir: Path, monitor: str) -> L.Trainer:
+def build_trainer(cfg, run_dir: Path, monitor: str, extra_callbacks=()) -> L.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                         save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
-        ThroughputMonitor(), DataHealthMonitor(), DataEpoch(),
+        ThroughputMonitor(), DataHealthMonitor(), DataEpoch(), *extra_callbacks,
     ]
     if cfg.trainer.ckpt_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,
@@ -71,3 +75,23 @@ def build_trainer(cfg, run_dir: Path, monitor: str) -> L.Trainer:
         gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False,
         limit_val_batches=t.limit_val_batches, limit_test_batches=t.limit_test_batches,
         plugins=[AtomicCheckpointIO(), *cluster_plugins])
+
+
+def upload_best_checkpoint(cfg, run_dir: Path, results: dict) -> bool:
+    """`logger.log_model`: best.ckpt as a W&B model artifact of the run (aliases best, latest), with the
+    test metrics and the run's provenance as metadata. Online runs only: an offline run's artifact would
+    wait in the local folder for a `wandb sync` nobody asked for. Returns whether it was logged."""
+    best = run_dir / "checkpoints" / "best.ckpt"
+    if not (cfg.logger.wandb and cfg.logger.log_model):
+        return False
+    if wandb_mode(cfg.logger.mode) != "online" or not best.is_file():
+        log.warning("logger.log_model: not uploading %s (%s)", best,
+                    "the run is not online" if best.is_file() else "no best checkpoint")
+        return False
+    import wandb
+
+    artifact = wandb.Artifact(f"model-{wandb_run_id(run_dir)}", type="model",
+                              metadata={"test": results, "provenance": read_provenance(run_dir)})
+    artifact.add_file(str(best), name="best.ckpt")
+    wandb.log_artifact(artifact, aliases=["best", "latest"])
+    return True

@@ -92,7 +92,9 @@ def test_vectors_are_the_frozen_encoders_outputs_row_per_caption_in_order(shapes
     from pipeline.data import DatasetCard, image_transform, load_tokenizer
     from pipeline.models.encoders import build_image_encoder, build_text_encoder
 
-    cfg = load_config("hash_64bit.yaml", TINY_ENCODERS)
+    from pipeline.training.build import complete_config
+
+    cfg = complete_config(load_config("hash_64bit.yaml", TINY_ENCODERS))  # data.mean / std: the cnn's own
     tok = load_tokenizer(DatasetCard.read(shapes_tiny))
     torch.manual_seed(cfg.run.seed)
     image_encoder = build_image_encoder(cfg.model.image_encoder).eval()  # eval: BatchNorm's running stats

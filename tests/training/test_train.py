@@ -36,7 +36,7 @@ def test_tiny_run_writes_protocol_metrics_config_and_wandb(tmp_path, shapes_tiny
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     log = _wandb_log(run_dir)
     for key in ("train/loss", "train/samples_per_sec", "train/data_wait_s", "val/rsum", "test/i2t_R@1",
-                "test/t2i_mAP@N", "head_hidden"):  # logged metrics and the resolved config
+                "test/t2i_mAP@N", "head_hidden", "card_sha256"):  # metrics, the resolved config, provenance
         assert key.encode() in log, key
     assert "| i2t |" in proc.stdout  # the FiCo-ITR table is printed
 

@@ -1,0 +1,89 @@
+"""A folder of image files as search reads it: every file under it, recursively, in sorted path order;
+decoded in DataLoader workers with a run's own evaluation preprocessing.
+
+Never read outside the folder: a link (to a file or a folder) that leads outside it is skipped as
+`outside_folder`, and a linked folder inside it as `linked_folder` (its files are read where they
+are). A file that cannot be opened is `unreadable`, one that is not an image `not_an_image`, an image
+that fails to decode `corrupt`. Skipped files are counted and listed, never fatal.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def scan_images(folder) -> tuple[list[str], list[tuple[str, str]]]:
+    """(files as paths relative to `folder`, sorted; [(path, reason)] of what was skipped while listing)."""
+    root = Path(folder)
+    real_root = root.resolve()
+    files, skipped = [], []
+
+    def unreadable(error: OSError) -> None:
+        skipped.append((os.path.relpath(error.filename, root) if error.filename else "?", "unreadable"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):  # links to folders: not followed
+        here = Path(dirpath)
+        for name in dirnames:
+            if (here / name).is_symlink():
+                reason = "linked_folder" if _inside(here / name, real_root) else "outside_folder"
+                skipped.append(((here / name).relative_to(root).as_posix(), reason))
+        for name in filenames:
+            path = here / name
+            if path.is_symlink() and not _inside(path, real_root):
+                skipped.append((path.relative_to(root).as_posix(), "outside_folder"))
+            else:
+                files.append(path.relative_to(root).as_posix())
+    return sorted(files), sorted(skipped)
+
+
+def load_image(path: Path, transform: Callable) -> tuple[torch.Tensor | None, str | None]:
+    """(pixels, None), or (None, the reason it was skipped)."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image = image.convert("RGB")
+    except UnidentifiedImageError:
+        return None, "not_an_image"
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return None, "unreadable"
+    except Exception:  # a truncated or damaged image, a decompression bomb
+        return None, "corrupt"
+    return transform(image), None
+
+
+class ImageFiles(Dataset):
+    def __init__(self, root: Path, files: list[str], transform: Callable):
+        self.root, self.files, self.transform = Path(root), files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        pixels, reason = load_image(self.root / self.files[i], self.transform)
+        return i, pixels, reason
+
+
+def _collate(items: list) -> dict:
+    kept = [(i, pixels) for i, pixels, _ in items if pixels is not None]
+    return {"positions": [i for i, _ in kept], "images": torch.stack([p for _, p in kept]) if kept else None,
+            "skipped": [(i, reason) for i, pixels, reason in items if pixels is None]}
+
+
+def image_batches(root: Path, files: list[str], transform: Callable, batch_size: int, workers: int):
+    """Batches in file order: {"positions" (into `files`), "images" (or None), "skipped": [(position,
+    reason)]}; decoding runs in `workers` processes."""
+    return DataLoader(ImageFiles(root, files, transform), batch_size=batch_size, num_workers=workers,
+                      collate_fn=_collate, shuffle=False)

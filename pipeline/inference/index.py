@@ -1,0 +1,120 @@
+"""The search index on disk: what retrieval compares for every gallery item, written in blocks, and the
+exhaustive top-k over it.
+
+    INDEX/index.json     {"format", "gallery": "images" | "texts", "run": {"path", "name", "fingerprint"},
+                          "measure", "arrays", "count", "blocks": [rows, ...], "root", "skipped",
+                          "skipped_files", "seconds"}
+    INDEX/items.jsonl    one JSON string per line: the file's path under the folder, or the text
+    INDEX/blocks/NNNNNN.<array>.npy   rows of each gallery array, block by block
+
+What is stored is the run's `gallery_features` of each item: embeddings (fine-grained), packed codes
+(hashing). A family whose `gallery_features` returns several arrays per item (a dict, e.g. a global
+screen and its tokens) gets one file per array per block, and searches them with its own
+`search_gallery(queries, gallery, k)` (given a `GalleryReader`); every other family is searched here,
+block by block, exhaustively under its `measure`, best first with the protocol's tie rule (equal
+scores in gallery order), so the ranking is the evaluation's. Memory: one block of the gallery and
+the running top-k per query.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep import atomic_write_bytes, remove_tree, tmp_sibling
+from pipeline.evaluation.exhaustive import merge_topk, topk_search
+
+FORMAT = 1
+MAIN = "gallery"  # the array of a family whose gallery_features is one tensor
+INDEX_FILE, ITEMS_FILE, BLOCKS = "index.json", "items.jsonl", "blocks"
+MAX_LISTED_SKIPS = 1000  # the summary lists at most this many skipped files (all are counted)
+
+
+def as_arrays(features) -> dict[str, np.ndarray]:
+    """gallery_features' output as named numpy arrays."""
+    if isinstance(features, dict):
+        return {name: t.detach().cpu().numpy() for name, t in features.items()}
+    return {MAIN: features.detach().cpu().numpy()}
+
+
+class IndexWriter:
+    """Appends items and their gallery arrays, writes a block every `block_rows` rows, and renames the
+    staged folder to `out` when finished (a killed build leaves no half index under the name)."""
+
+    def __init__(self, out: Path, block_rows: int):
+        self.out, self.block_rows = Path(out), block_rows
+        self.staged = tmp_sibling(self.out)
+        (self.staged / BLOCKS).mkdir(parents=True)
+        self.items = open(self.staged / ITEMS_FILE, "w", encoding="utf-8")
+        self.pending: dict[str, list[np.ndarray]] = {}
+        self.pending_rows, self.blocks, self.arrays = 0, [], {}
+
+    def add(self, features, items: list[str]) -> None:
+        arrays = as_arrays(features)
+        for name, array in arrays.items():
+            self.pending.setdefault(name, []).append(array)
+            self.arrays[name] = {"dtype": str(array.dtype), "shape": list(array.shape[1:])}
+        for item in items:
+            self.items.write(json.dumps(item, ensure_ascii=False) + "\n")
+        self.pending_rows += len(items)
+        if self.pending_rows >= self.block_rows:
+            self._flush()
+
+    @property
+    def count(self) -> int:
+        return sum(self.blocks) + self.pending_rows
+
+    def _flush(self) -> None:
+        if not self.pending_rows:
+            return
+        for name, parts in self.pending.items():
+            np.save(self.staged / BLOCKS / f"{len(self.blocks):06d}.{name}.npy", np.concatenate(parts))
+        self.blocks.append(self.pending_rows)
+        self.pending, self.pending_rows = {}, 0
+
+    def finish(self, meta: dict) -> dict:
+        self._flush()
+        self.items.close()
+        meta = {"format": FORMAT, **meta, "arrays": self.arrays, "count": sum(self.blocks), "blocks": self.blocks}
+        atomic_write_bytes(self.staged / INDEX_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        self.staged.rename(self.out)
+        return meta
+
+    def abort(self) -> None:
+        self.items.close()
+        remove_tree(self.staged)
+
+
+class GalleryReader:
+    """An index's gallery, read block by block (memory-mapped)."""
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder, self.meta = Path(folder), meta
+
+    @property
+    def count(self) -> int:
+        return int(self.meta["count"])
+
+    def blocks(self, name: str = MAIN):
+        """(first row, array) of each block, in gallery order."""
+        first = 0
+        for b, rows in enumerate(self.meta["blocks"]):
+            yield first, np.load(self.folder / BLOCKS / f"{b:06d}.{name}.npy", mmap_mode="r")
+            first += rows
+
+    def items(self) -> list[str]:
+        with open(self.folder / ITEMS_FILE, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+
+def search_blocks(queries: torch.Tensor, gallery: GalleryReader, k: int, measure: str):
+    """(scores [q, k], gallery positions [q, k]) best first, the tie rule across blocks too: each block's
+    top-k in gallery order, merged (every position of a later block is larger)."""
+    k = min(k, gallery.count)
+    best = None
+    for first, block in gallery.blocks(MAIN):
+        scores, positions = topk_search(queries, torch.from_numpy(np.array(block)), k, measure)
+        best = merge_topk(best, (scores, positions + first), k)
+    return best

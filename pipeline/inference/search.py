@@ -1,0 +1,255 @@
+"""Search your own images and texts with a trained run (or its export).
+
+    python -m pipeline.search index --run RUN --images DIR --out INDEX      # every image file under DIR
+    python -m pipeline.search index --run RUN --texts FILE --out INDEX      # one text per line
+    python -m pipeline.search query --index INDEX --text "a red circle" -k 10
+    python -m pipeline.search query --index INDEX --image photo.jpg -k 10
+    python -m pipeline.search query --index INDEX --queries FILE -k 10      # one text per line
+
+A query prints one JSON line: {"query": ..., "results": [{"path" | "text": ..., "score": ...}, ...]},
+best first: cosine similarity for fine-grained runs, Hamming distance for hashing runs (smallest
+first); equal scores in gallery order (the protocol's tie rule). Images are read with the run's own
+evaluation preprocessing and texts with its own tokenizer, through the module's encode_images /
+encode_texts and gallery_features, so a search ranks exactly as evaluation does for the same pixels
+and texts. The index records the run and refuses to open, in one line, when its weights changed.
+
+Python:  build_image_index(run, folder, out); index = SearchIndex.open(out); index.query_texts([...], k)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from pipeline.cli import progress_bar
+from pipeline.inference.folder import image_batches, load_image, scan_images
+from pipeline.inference.index import (INDEX_FILE, MAX_LISTED_SKIPS, GalleryReader, IndexWriter, search_blocks)
+from pipeline.inference.runs import Run, RunError, load_run
+
+BLOCK_ROWS = 1 << 16  # gallery rows per block file
+
+
+class SearchError(RunError):
+    """An index or a query that cannot be used, explained in one line."""
+
+
+def _runnable(run: Run) -> Run:
+    if not run.inputs.takes_pixels:
+        raise SearchError(f"{run.path} was trained on feature shards: its encoders take features, not images "
+                          f"and texts; search needs a run trained on images")
+    return run
+
+
+@torch.inference_mode()
+def encode_images(run: Run, images: torch.Tensor):
+    return run.module.gallery_features(run.module.encode_images(images))
+
+
+@torch.inference_mode()
+def encode_texts(run: Run, texts: list[str]):
+    return run.module.gallery_features(run.module.encode_texts(run.inputs.tokenize(texts)))
+
+
+def _run_meta(run: Run) -> dict:
+    return {"path": str(run.path.resolve()), "name": run.name, "fingerprint": run.fingerprint}
+
+
+def build_image_index(run, folder, out, batch_size: int = 64, workers: int = 2, progress: bool = True,
+                      block_rows: int = BLOCK_ROWS) -> dict:
+    """Indexes every image file under `folder` (a run folder, export, or loaded Run); returns index.json."""
+    run = _runnable(run if isinstance(run, Run) else load_run(run))
+    folder, out, start = Path(folder), _new_folder(out), time.perf_counter()
+    if not folder.is_dir():
+        raise SearchError(f"--images {folder}: no such folder")
+    files, skipped = scan_images(folder)
+    writer = IndexWriter(out, block_rows)
+    try:
+        with progress_bar(len(files), f"index {folder}", progress, "img") as bar:
+            for batch in image_batches(folder, files, run.inputs.transform, batch_size, workers):
+                skipped += [(files[i], reason) for i, reason in batch["skipped"]]
+                if batch["positions"]:
+                    writer.add(encode_images(run, batch["images"]), [files[i] for i in batch["positions"]])
+                bar.update(len(batch["positions"]) + len(batch["skipped"]))
+        if not writer.count:
+            raise SearchError(f"--images {folder}: no readable image among {len(files)} file(s)")
+        return writer.finish(_meta(run, "images", str(folder.resolve()), skipped, start))
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def build_text_index(run, texts_file, out, batch_size: int = 256, progress: bool = True,
+                     block_rows: int = BLOCK_ROWS) -> dict:
+    """Indexes every non-empty line of `texts_file`; returns index.json."""
+    run = _runnable(run if isinstance(run, Run) else load_run(run))
+    out, start = _new_folder(out), time.perf_counter()
+    lines = _read_lines(texts_file, "--texts")
+    texts = [t for t in lines if t.strip()]
+    skipped = [(f"line {n + 1}", "empty_line") for n, t in enumerate(lines) if not t.strip()]
+    if not texts:
+        raise SearchError(f"--texts {texts_file}: no text in it")
+    writer = IndexWriter(out, block_rows)
+    try:
+        with progress_bar(len(texts), f"index {texts_file}", progress, "text") as bar:
+            for first in range(0, len(texts), batch_size):
+                chunk = texts[first:first + batch_size]
+                writer.add(encode_texts(run, chunk), chunk)
+                bar.update(len(chunk))
+        return writer.finish(_meta(run, "texts", str(Path(texts_file).resolve()), skipped, start))
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _meta(run: Run, gallery: str, root: str, skipped: list, start: float) -> dict:
+    return {"gallery": gallery, "run": _run_meta(run), "measure": run.module.measure, "root": root,
+            "skipped": dict(Counter(reason for _, reason in skipped)),
+            "skipped_files": [{"path": p, "reason": r} for p, r in skipped[:MAX_LISTED_SKIPS]],
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _new_folder(out) -> Path:
+    out = Path(out)
+    if out.exists():
+        raise SearchError(f"--out {out} exists: give a new folder (an index is never written into another one)")
+    return out
+
+
+def _read_lines(path, option: str) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SearchError(f"{option} {path}: cannot be read as UTF-8 text ({e.__class__.__name__})") from None
+
+
+class SearchIndex:
+    """An index opened with the run it was built with (or `run`: the same weights moved, or exported)."""
+
+    def __init__(self, folder: Path, meta: dict, run: Run):
+        self.folder, self.meta, self.run = folder, meta, run
+        self.gallery = GalleryReader(folder, meta)
+        self.item_key = "path" if meta["gallery"] == "images" else "text"
+        self._items: list[str] | None = None
+
+    @classmethod
+    def open(cls, folder, run=None) -> "SearchIndex":
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / INDEX_FILE).read_text())
+        except (OSError, ValueError):
+            raise SearchError(f"--index {folder}: not an index (no readable {INDEX_FILE})") from None
+        run = run if isinstance(run, Run) else load_run(run or meta["run"]["path"])
+        if run.fingerprint != meta["run"]["fingerprint"]:
+            raise SearchError(f"--index {folder} was built with {meta['run']['path']} and {run.path}'s weights "
+                              f"differ from those (changed since, or another run): build the index again")
+        return cls(folder, meta, _runnable(run))
+
+    @property
+    def items(self) -> list[str]:
+        if self._items is None:
+            self._items = self.gallery.items()
+        return self._items
+
+    def search(self, queries, k: int) -> list[list[tuple[str, float]]]:
+        """Top-k (item, score) per query, given the queries' gallery_features."""
+        module = self.run.module
+        if hasattr(module, "search_gallery"):  # a family with its own search (e.g. screen, then tokens)
+            scores, positions = module.search_gallery(queries, self.gallery, k)
+        else:
+            scores, positions = search_blocks(queries, self.gallery, k, self.meta["measure"])
+        hamming = self.meta["measure"] == "hamming"
+        return [[(self._item(p), int(-s) if hamming else float(s)) for s, p in zip(row_s.tolist(), row_p.tolist())]
+                for row_s, row_p in zip(scores, positions)]
+
+    def _item(self, position: int) -> str:
+        item = self.items[position]
+        return str(Path(self.meta["root"]) / item) if self.item_key == "path" else item
+
+    def query_texts(self, texts: list[str], k: int = 10, batch_size: int = 256) -> list[list[tuple[str, float]]]:
+        out = []
+        for first in range(0, len(texts), batch_size):
+            out += self.search(encode_texts(self.run, texts[first:first + batch_size]), k)
+        return out
+
+    def query_images(self, paths: list, k: int = 10) -> list[list[tuple[str, float]]]:
+        pixels = []
+        for path in paths:
+            image, reason = load_image(Path(path), self.run.inputs.transform)
+            if image is None:
+                raise SearchError(f"--image {path}: {reason.replace('_', ' ')}")
+            pixels.append(image)
+        return self.search(encode_images(self.run, torch.stack(pixels)), k)
+
+
+def result_line(query: str, results: list[tuple[str, float]], item_key: str) -> str:
+    return json.dumps({"query": query, "results": [{item_key: item, "score": score} for item, score in results]},
+                      ensure_ascii=False)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.search", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    idx = sub.add_parser("index", help="encode a folder of images (or a file of texts) into an index")
+    idx.add_argument("--run", required=True, type=Path, help="a run folder or an export")
+    source = idx.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="a folder: every image file under it, recursively")
+    source.add_argument("--texts", type=Path, help="a text file: one gallery text per line")
+    idx.add_argument("--out", required=True, type=Path, help="the index folder to create")
+    idx.add_argument("--batch-size", type=int, default=64)
+    idx.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    idx.add_argument("--no-progress", action="store_true")
+    q = sub.add_parser("query", help="search an index; prints one JSON line per query")
+    q.add_argument("--index", required=True, type=Path)
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a text query")
+    what.add_argument("--image", type=Path, help="an image query")
+    what.add_argument("--queries", type=Path, help="a text file: one query per line")
+    q.add_argument("-k", type=int, default=10, help="results per query")
+    q.add_argument("--run", type=Path, help="the run (or its export) if it moved since the index was built")
+    args = p.parse_args(argv)
+    if (getattr(args, "k", 1) < 1 or getattr(args, "batch_size", 1) < 1 or getattr(args, "workers", 0) < 0):
+        p.error("-k and --batch-size must be >= 1, --workers >= 0")
+    return args
+
+
+def run_query(args) -> None:
+    index = SearchIndex.open(args.index, args.run)
+    if args.image is not None:
+        queries, results = [str(args.image)], index.query_images([args.image], args.k)
+    else:
+        queries = [args.text] if args.text is not None else [t for t in _read_lines(args.queries, "--queries")
+                                                            if t.strip()]
+        results = index.query_texts(queries, args.k)
+    for query, found in zip(queries, results):
+        print(result_line(query, found, index.item_key))
+
+
+def main(argv=None) -> int:
+    """Exit status: 0 done, 2 an input that cannot be used (one line on stderr)."""
+    args = parse_args(argv)
+    try:
+        if args.command == "query":
+            run_query(args)
+            return 0
+        if args.images is not None:
+            meta = build_image_index(args.run, args.images, args.out, args.batch_size, args.workers,
+                                     not args.no_progress)
+        else:
+            meta = build_text_index(args.run, args.texts, args.out, args.batch_size, not args.no_progress)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(meta["skipped"].items())) or "nothing"
+    print(f"{args.out}: {meta['count']} {meta['gallery']} indexed with {meta['run']['name']} in {meta['seconds']:.1f} s; "
+          f"skipped: {skipped}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
