@@ -20,6 +20,7 @@ MODES = ("exhaustive", "screened")
 FULL_MATRIX_ELEMENTS = 1 << 26  # exhaustive: score the whole N x M matrix once when it fits in 256 MB
 
 
+@torch.no_grad()
 def evaluate_tokens(image_tokens, image_mask, text_tokens, text_mask, caption_image,
                     score_grid: Callable, score_pairs: Callable, image_labels=None, mode: str = "exhaustive",
                     k: int | None = None, screen_image=None, screen_text=None, ks: Iterable[int] = (1, 5, 10),
