@@ -122,7 +122,8 @@ def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int,
     """The loader for one split on one rank, and its number of batches (None for evaluation, where
     it depends on how the shards fall across ranks)."""
     urls = card.shards(split)
-    decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features))
+    decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features),
+                            tokens=bool(card.features and card.features.get("tokens")))
     collate = Collate(decoder, None if card.features else tokenizer, max_text_len, train, seed, rank)
     if train:
         # one pass over the records (or passes, for a fixed number of steps); shuffle the encoded records,
