@@ -23,7 +23,6 @@ import torch
 from pipeline.comparison.writers import size_label
 from pipeline.inference.encoding import EncodedSplit
 from pipeline.inference.runs import Run
-from pipeline.models.token_scorers import TokenSet
 
 
 TOKEN_QUERY_NOTE = (
@@ -55,8 +54,7 @@ def token_storage_rows(run: Run, enc: EncodedSplit) -> list[dict]:
 
 
 def _sides(enc: EncodedSplit, direction: str):
-    img = TokenSet(torch.from_numpy(enc.image_tokens), torch.from_numpy(enc.image_mask))
-    txt = TokenSet(torch.from_numpy(enc.text_tokens), torch.from_numpy(enc.text_mask))
+    img, txt = enc.token_sets()
     return (img, txt) if direction == "i2t" else (txt, img)
 
 

@@ -25,7 +25,6 @@ from pipeline.evaluation.scores import prepare
 from pipeline.evaluation.screened import pair_rerank, two_stage
 from pipeline.inference.encoding import EncodedSplit
 from pipeline.inference.runs import Run
-from pipeline.models.token_scorers import TokenSet
 
 
 TOKEN_HYBRID_NOTE = (
@@ -65,8 +64,7 @@ def token_hybrid_rows(run: Run, enc: EncodedSplit, screeners: dict, Ks: Sequence
                                                 and np.array_equal(s.text_ids, enc.text_ids)):
             raise ValueError(f"screener {name}: not the same test split (ids differ) as {run.name}")
     grid, pairs_fn = run.module.token_scorer.cpu().functions()
-    img = TokenSet(torch.from_numpy(enc.image_tokens), torch.from_numpy(enc.image_mask))
-    txt = TokenSet(torch.from_numpy(enc.text_tokens), torch.from_numpy(enc.text_mask))
+    img, txt = enc.token_sets()
     n, m, cap = enc.num_images, enc.num_texts, enc.caption_image
 
     def pairs(i, t):

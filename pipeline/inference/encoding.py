@@ -49,6 +49,11 @@ class EncodedSplit:
     def has_tokens(self) -> bool:
         return self.image_tokens is not None
 
+    def token_sets(self) -> tuple[TokenSet, TokenSet]:
+        """(images, captions) as the token scorer takes them (CPU tensors sharing the arrays' memory)."""
+        return (TokenSet(torch.from_numpy(self.image_tokens), torch.from_numpy(self.image_mask)),
+                TokenSet(torch.from_numpy(self.text_tokens), torch.from_numpy(self.text_mask)))
+
     @property
     def num_images(self) -> int:
         return int(self.image.shape[0])
