@@ -36,7 +36,8 @@ POOLINGS = ("lse", "avg")
 
 @dataclass
 class TokenSet:
-    """Token features of N items: `tokens [N, T, D]` (padded rows zero), `mask [N, T]` True where real."""
+    """Token features of N items: `tokens [N, T, D]`, `mask [N, T]` True where a token is real (every item has
+    at least one; what padding slots hold does not matter: the scorers zero them)."""
 
     tokens: torch.Tensor
     mask: torch.Tensor
