@@ -131,24 +131,31 @@ def test_features_from_transformers_backbones_with_tokens(tmp_path, backbones, m
         assert not np.allclose(load["img.npy"], load["img_tokens.npy"][0])
 
 
-def test_token_configs_on_patch_tokens_word_pieces_and_token_feature_shards(tmp_path, backbones, manifest_dataset):
-    """The token-level configs on their real inputs: a ViT's patch tokens and BERT's word pieces end to end
-    (cross-attention), and late interaction on token feature shards (`pipeline.features --tokens`)."""
-    tiny = [*TINY_RUN, "tokens.dim=16", "tokens.screen_k=4", f"run.root={tmp_path}"]
+TINY_TOKENS = [*TINY_RUN, "tokens.dim=16", "tokens.screen_k=4"]
+
+
+@pytest.mark.slow  # the same token code as the shapes configs; the feature-shard test below covers the data path
+def test_token_config_on_patch_tokens_and_word_pieces(tmp_path, backbones, manifest_dataset):
+    """Cross-attention end to end on a ViT's patch tokens and BERT's word pieces, loaded from disk."""
     proc = run_train(["--config", "coco_fine_grained_scan.yaml", f"data.root={manifest_dataset}",
-                      *local(backbones, "vit"), *tiny], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+                      *local(backbones, "vit"), *TINY_TOKENS, f"run.root={tmp_path}"], cwd=tmp_path,
+                     env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     scoring = json.loads((tmp_path / "coco_fine_grained_scan" / "test_scoring.json").read_text())
     assert scoring["mode"] == "exhaustive" and scoring["scorer"] == "CrossAttention (t2i)"
     assert "t2i_mAP@N" in json.loads((tmp_path / "coco_fine_grained_scan" / "test_metrics.json").read_text())
 
+
+def test_token_config_on_token_feature_shards(tmp_path, backbones, manifest_dataset):
+    """Late interaction on shards made with `pipeline.features --tokens` (ViT patches, BERT word pieces):
+    the stream hands the token sets to the `features` encoders; without token features it is refused."""
     out = tmp_path / "token_features"
     assert features_cli(["--shards", str(manifest_dataset), "--config", "coco_fine_grained_tokens.yaml",
                          *local(backbones, "vit"), "--out", str(out), "--tokens", "--workers", "0",
                          "--no-progress"]) == 0
     proc = run_train(["--config", "coco_fine_grained_tokens_features.yaml", f"data.root={out}",
-                      "model.image_encoder.width=32", "model.text_encoder.width=32", *tiny], cwd=tmp_path,
-                     env={"OMP_NUM_THREADS": "1"})
+                      "model.image_encoder.width=32", "model.text_encoder.width=32", *TINY_TOKENS,
+                      f"run.root={tmp_path}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "coco_fine_grained_tokens_features" / "test_metrics.json").read_text())
     assert 0 <= metrics["i2t_R@1"] <= 100 and "t2i_mAP@N" in metrics
