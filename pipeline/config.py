@@ -1,11 +1,9 @@
 """Experiment configuration: a typed schema, YAML inheritance and key=value overrides.
 
-A config file may name a parent with `base: other.yaml` (relative to its own
-folder) and overrides only what changes. Everything is checked against the
-dataclass schema before any work starts: an unknown key, a wrong type or an
-impossible value raises `ConfigError` with one line naming the key, what is
-allowed and, for typos, the closest valid keys.
-"""
+A config file may name a parent with `base: other.yaml` (relative to its own folder) and overrides only what
+changes. Everything is checked against the dataclass schema (the `tokens` section: config_tokens.py) before any
+work starts: an unknown key, a wrong type or an impossible value raises `ConfigError` with one line naming the
+key, what is allowed and, for typos, the closest valid keys."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +15,8 @@ from typing import Any, Optional
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from pipeline import config_tokens
 
 # configs/ at the top of a checkout; inside the package once installed from a wheel
 CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent /
@@ -59,7 +59,7 @@ class EncoderConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "hash"  # hash | fine_grained
+    kind: str = "hash"  # hash | fine_grained | fine_grained_tokens (token-level, section `tokens`)
     image_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     text_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="tiny_bert"))
     embed_dim: int = 256  # fine-grained embedding size
@@ -142,6 +142,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     hash: HashConfig = field(default_factory=HashConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    tokens: config_tokens.TokensConfig = field(default_factory=config_tokens.TokensConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -149,7 +150,7 @@ class Config:
 
 
 CHOICES = {
-    "model.kind": ("hash", "fine_grained"),
+    "model.kind": ("hash", "fine_grained", "fine_grained_tokens"),
     "model.text_encoder.pooling": ("auto", "cls", "eot", "mean"),
     "model.image_encoder.pooling": ("auto", "cls", "eot", "mean"),
     "data.augment": ("none", "crop"),
@@ -330,14 +331,13 @@ def _checks(cfg: DictConfig) -> list[tuple[bool, str, str]]:
     checks += [
         (img.init is None or img.name == "cnn" or open_clip[0], "model.image_encoder.init",
          "loads weights into the cnn or an open_clip tower (transformers models load theirs by name); set it to null"),
-        (img.init in (None, "shapes") or open_clip[0] or Path(img.init).expanduser().is_file(),
-         "model.image_encoder.init",
+        (img.init in (None, "shapes") or open_clip[0] or Path(img.init).expanduser().is_file(), "model.image_encoder.init",
          f"is {img.init!r}: no such file; give a weights file, \"shapes\" (the built-in shapes backbone) or null"),
         (txt.init is None or open_clip[1], "model.text_encoder.init",
          "is for the cnn and open_clip towers only; transformers text models load their weights by name"),
         (img.init_steps > 0, "model.image_encoder.init_steps", "must be positive"),
     ]
-    return checks
+    return checks + config_tokens.checks(cfg)
 
 
 def devices_ok(devices) -> bool:

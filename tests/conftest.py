@@ -81,6 +81,16 @@ def tiny_baselines(tmp_path_factory, shapes_tiny, shapes_backbone, tiny_runs) ->
     return train_together(runs, tmp_path_factory.mktemp("tiny_baselines"))
 
 
+@pytest.fixture(scope="session")
+def tiny_token_runs(tmp_path_factory, shapes_tiny, shapes_backbone) -> dict:
+    """Both token-level configs trained tiny (8 epochs of 8 steps; config name -> run directory): what the
+    token tests of training, the report and the hybrid tool use."""
+    args = [*tiny_run_args(shapes_backbone), "trainer.max_epochs=8", "tokens.dim=32", "tokens.screen_k=16"]
+    return train_together({c: ["--config", f"{c}.yaml", f"data.root={shapes_tiny}", *args]
+                           for c in ("fine_grained_tokens", "fine_grained_scan")},
+                          tmp_path_factory.mktemp("tiny_token_runs"))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread in a module's tests and the runs they start: on a shared 2-core machine,

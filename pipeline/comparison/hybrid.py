@@ -4,7 +4,8 @@
         [--distill-bits 64] [--simhash-bits 64] [--gallery 1000000] [--K 10,100,1000] \\
         [--queries 500] [--out DIR]
 
-The FiCo-ITR paper's future work: a Hamming top-K screen (cheap: packed codes, XOR + popcount)
+Token-level runs (`model.kind: fine_grained_tokens`) re-rank with their token scorer instead, on the
+test split (`token_hybrid.py`). The FiCo-ITR paper's future work: a Hamming top-K screen (cheap: packed codes, XOR + popcount)
 picks K candidates per query and the fine-grained model orders only those. With K = the
 gallery size it *is* the fine-grained ranking; with K = 1 it is the hash ranking's first hit.
 Everything in between is a quality / time trade-off, reported here as a curve over K.
@@ -45,7 +46,9 @@ import torch.nn.functional as F
 
 from pipeline.cli import int_list, progress_bar
 from pipeline.comparison.galleries import build_gallery
+from pipeline.comparison.hybrid_table import HYBRID_COLUMNS, format_rows, hybrid_row
 from pipeline.comparison.screeners import fine_grained_screeners
+from pipeline.comparison.token_hybrid import token_hybrid_rows
 from pipeline.comparison.writers import write_csv
 from pipeline.evaluation.exhaustive import topk_search
 from pipeline.evaluation.hamming import hamming_topk
@@ -132,11 +135,6 @@ def recall_at(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     return {f"R@{k}": 100.0 * float(np.mean(ranks < k)) for k in ks}
 
 
-HYBRID_COLUMNS = ["direction", "gallery", "method", "screener", "K", "R@1", "R@5", "R@10", "candidate_recall",
-                  "ms_per_query", "screen_ms", "rerank_ms", "R@10_vs_fine_grained", "time_vs_fine_grained",
-                  "timed_queries"]
-
-
 def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_queries: int = 500,
                repeats: int = 3, seed: int = 0, ks: Sequence[int] = (1, 5, 10), progress: bool = False) -> list[dict]:
     """Rows of :data:`HYBRID_COLUMNS` for both directions.
@@ -211,19 +209,19 @@ def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_
               for key, v in times.items()}
         fg_ts, fg_mm = ms[("fg", "topk_search")]["screen"], ms[("fg", "mm+topk")]["screen"]
         ref = min(fg_ts, fg_mm)  # the faster exhaustive search is the reference time
-        rows.append(_row(direction, label, "fine-grained exhaustive", "topk_search", G, fg_r, 100.0, fg_ts, None,
+        rows.append(hybrid_row(direction, label, "fine-grained exhaustive", "topk_search", G, fg_r, 100.0, fg_ts, None,
                          None, fg_r, ref, len(timed)))
-        rows.append(_row(direction, label, "fine-grained exhaustive", "mm+topk", G, fg_r, 100.0, fg_mm, None,
+        rows.append(hybrid_row(direction, label, "fine-grained exhaustive", "mm+topk", G, fg_r, 100.0, fg_mm, None,
                          None, fg_r, ref, len(timed)))
         for name in gal.codes:
             r, cr = quality[(name, None)]
             t = ms[(name, None)]
-            rows.append(_row(direction, label, "hash only", name, max_k, r, cr, t["screen"], t["screen"], 0.0,
+            rows.append(hybrid_row(direction, label, "hash only", name, max_k, r, cr, t["screen"], t["screen"], 0.0,
                              fg_r, ref, len(timed)))
             for K in sorted({min(k, G) for k in Ks}):
                 r, cr = quality[(name, K)]
                 t = ms[(name, K)]
-                rows.append(_row(direction, label, "hybrid", name, K, r, cr, t["screen"] + t["rerank"], t["screen"],
+                rows.append(hybrid_row(direction, label, "hybrid", name, K, r, cr, t["screen"] + t["rerank"], t["screen"],
                                  t["rerank"], fg_r, ref, len(timed)))
     bar.close()
     return rows
@@ -244,14 +242,6 @@ def dense_topk(q, g, k: int, block: int = 1 << 16):
     return best_s, best_i
 
 
-def _row(direction, gallery, method, screener, K, r, cand_recall, ms, screen_ms, rerank_ms, fg_r, fg_ms, timed):
-    rel = 100.0 * r["R@10"] / fg_r["R@10"] if fg_r.get("R@10") else float("nan")
-    return {"direction": direction, "gallery": gallery, "method": method, "screener": screener, "K": K,
-            "R@1": r.get("R@1"), "R@5": r.get("R@5"), "R@10": r.get("R@10"), "candidate_recall": cand_recall,
-            "ms_per_query": ms, "screen_ms": screen_ms, "rerank_ms": rerank_ms, "R@10_vs_fine_grained": rel,
-            "time_vs_fine_grained": 100.0 * ms / fg_ms, "timed_queries": timed}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.hybrid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,7 +251,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill-steps", type=int, default=2000)
     p.add_argument("--simhash-bits", type=int_list, default=(64,), help="SimHash screeners (0: none)")
     p.add_argument("--gallery", type=int, default=100_000, help="gallery items per side (test + distractors)")
-    p.add_argument("--K", type=int_list, default=(1, 10, 30, 100, 300, 1000, 3000), help="screening depths")
+    p.add_argument("--K", type=int_list, default=None, help="screening depths (default 1,10,30,100,300,1000,3000; "
+                   "token-level runs 10,30,100,300)")
     p.add_argument("--queries", type=int, default=500, help="timed queries per direction (quality: all)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="device for encoding the splits")
@@ -271,27 +262,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def format_rows(rows: list[dict]) -> str:
-    cols = ["direction", "gallery", "method", "screener", "K", "R@1", "R@5", "R@10", "candidate_recall",
-            "ms_per_query", "R@10_vs_fine_grained", "time_vs_fine_grained"]
-    head = "| " + " | ".join(c.replace("_", " ") for c in cols) + " |"
-    lines = [head, "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r[c]
-            cells.append("–" if v is None else f"{v:.3f}" if c == "ms_per_query" else f"{v:.1f}"
-                         if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     progress = not args.no_progress
     try:
         fg_run = load_run(args.fine_grained)
-        if fg_run.family != "fine_grained":
+        if fg_run.family != "fine_grained":  # token-level runs are fine-grained too
             raise RunError(f"{args.fine_grained}: --fine-grained needs a fine-grained run, got a {fg_run.family} run")
         fg = encode_split(fg_run, "test", device=args.device, progress=progress)
         screeners = {}
@@ -305,7 +281,12 @@ def main(argv=None) -> int:
         return 2
     screeners.update(fine_grained_screeners(fg_run, fg, args.distill_bits, args.simhash_bits, args.distill_steps,
                                             args.device, args.out, progress, args.seed))
-    rows = run_hybrid(fg, screeners, args.gallery, args.K, args.queries, args.repeats, args.seed, progress=progress)
+    if fg.has_tokens:  # token re-ranking, on the test split only (token sets have no distractors)
+        rows = token_hybrid_rows(fg_run, fg, screeners, args.K or (10, 30, 100, 300), min(args.queries, 100),
+                                 args.repeats, args.seed)
+    else:
+        rows = run_hybrid(fg, screeners, args.gallery, args.K or (1, 10, 30, 100, 300, 1000, 3000), args.queries,
+                          args.repeats, args.seed, progress=progress)
     print(format_rows(rows))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

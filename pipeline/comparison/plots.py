@@ -72,7 +72,7 @@ def plot_quality_vs_bytes(quality: list[dict], storage: list[dict], path: Path) 
             st = [s for s in storage if s["model"] == q["model"]]
             ours = st[0]["bytes_per_item"]
             ax.scatter(ours, y, color=f"C{idx}", s=60, label=f"{q['model']} ({q['representation']})")
-            if len(st) > 1:  # the paper's one byte per bit
+            if len(st) > 1 and q["family"] == "hash":  # the paper's one byte per bit
                 ax.scatter(st[1]["bytes_per_item"], y, facecolors="none", edgecolors=f"C{idx}", s=60)
                 ax.annotate("", xy=(ours, y), xytext=(st[1]["bytes_per_item"], y),
                             arrowprops={"arrowstyle": "->", "color": f"C{idx}", "alpha": 0.6})
@@ -93,13 +93,15 @@ def plot_time_vs_gallery(rows: list[dict], path: Path) -> None:
     keys = sorted({(r["model"], r["method"]) for r in rows})
     for ax, direction in zip(axes, ("i2t", "t2i")):
         for idx, key in enumerate(keys):
+            labelled = False  # one legend entry per method (token rows exist for duplicated galleries only)
             for kind, style in (("distinct", "-"), ("duplicated", ":")):
                 pts = sorted((r["gallery_items"], r["ms_per_query"]) for r in rows
                              if (r["model"], r["method"]) == key and r["gallery"] == kind
                              and r["direction"] == direction)
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", ms=3, color=f"C{idx % 10}",
-                            label=f"{key[0]}: {key[1]}" if kind == "distinct" else None)
+                            label=None if labelled else f"{key[0]}: {key[1]}")
+                    labelled = True
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("gallery items (log)")

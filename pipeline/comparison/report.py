@@ -51,10 +51,12 @@ from pipeline.comparison.hybrid import HYBRID_COLUMNS, format_rows, run_hybrid
 from pipeline.comparison.measure import machine_info
 from pipeline.comparison.query_time import QUERY_COLUMNS, query_time_rows
 from pipeline.comparison.screeners import fine_grained_screeners
+from pipeline.comparison.token_costs import TOKEN_QUERY_NOTE, token_storage_rows, with_token_rows
+from pipeline.comparison.token_hybrid import TOKEN_HYBRID_NOTE, token_hybrid_rows
 from pipeline.comparison.writers import csv_value, markdown_table, write_csv
-from pipeline.evaluation.protocol import evaluate
 from pipeline.inference.encoding import EncodedSplit, encode_split
 from pipeline.inference.runs import Run, RunError, load_run
+from pipeline.inference.scoring import split_metrics
 from pipeline.training.trainer import wandb_mode
 
 DEEP_KS = (1, 5, 10, 50, 100, 200)
@@ -73,8 +75,7 @@ STORAGE_COLUMNS = ["model", "storage", "bytes_per_item", "test_gallery_items", "
 
 
 def quality_row(run: Run, enc: EncodedSplit) -> dict:
-    res = evaluate(enc.image_gallery, enc.text_gallery, enc.caption_image, enc.labels, measure=run.measure,
-                   ks=DEEP_KS)
+    res = split_metrics(run, enc, DEEP_KS)  # token runs: scored as their test split was (test_scoring.json)
     own = run.test_metrics() or {}
     # the run's own numbers were computed with its own ks: compare every name both have
     # (rsum is R@1/5/10 of both directions whatever the ks)
@@ -96,6 +97,8 @@ def encoding_rows(run: Run, enc: EncodedSplit) -> list[dict]:
 
 
 def storage_rows(run: Run, enc: EncodedSplit) -> list[dict]:
+    if enc.has_tokens:
+        return token_storage_rows(run, enc)
     n = enc.num_images + enc.num_texts
     scaled = 1_000_000 + 5_000_000
     if run.family == "hash":
@@ -142,6 +145,8 @@ class Options:
     hybrid_galleries: tuple
     hybrid_K: tuple
     hybrid_queries: int
+    token_K: tuple
+    token_cap_s: float
     distill_bits: tuple
     distill_steps: int
     simhash_bits: tuple
@@ -180,6 +185,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="hybrid gallery sizes per side besides the test split (default 100000; quick 2000)")
     p.add_argument("--hybrid-K", type=int_list, default=None, help="screening depths K")
     p.add_argument("--hybrid-queries", type=int, default=None, help="timed hybrid queries per direction")
+    p.add_argument("--token-K", type=int_list, default=None, help="screen depths of token runs (default "
+                   "10,30,100,300; quick 10,50)")
+    p.add_argument("--token-cap-s", type=float, default=86_400.0, help="token runs: an exhaustive total above this "
+                   "is reported as 'does not finish' (default one day)")
     p.add_argument("--distill-bits", type=int_list, default=(64,), help="distilled screeners (0: none)")
     p.add_argument("--distill-steps", type=int, default=None)
     p.add_argument("--simhash-bits", type=int_list, default=(64,), help="SimHash screeners (0: none)")
@@ -203,6 +212,7 @@ def options(args, device: torch.device) -> Options:
         hybrid_galleries=args.hybrid_gallery or ((2_000,) if q else (100_000,)),
         hybrid_K=args.hybrid_K or ((1, 10, 100) if q else (1, 10, 30, 100, 300, 1000, 3000)),
         hybrid_queries=args.hybrid_queries or (16 if q else 500),
+        token_K=args.token_K or ((10, 50) if q else (10, 30, 100, 300)), token_cap_s=args.token_cap_s,
         distill_bits=args.distill_bits, distill_steps=args.distill_steps or (30 if q else 2000),
         simhash_bits=args.simhash_bits, repeats=args.repeats or (1 if q else 3), quick=q)
 
@@ -233,9 +243,9 @@ def build_report(args) -> dict:
     bar = progress_bar(n_points, "query time (model x gallery x size x direction)", progress, unit="point")
     query = []
     for r, e in zip(runs, encoded):
-        query += query_time_rows(r, e, opt.sizes, opt.kinds, opt.queries, opt.k, device, opt.block_items,
-                                 opt.faiss and _has_faiss(), opt.faiss_max_float, opt.hnsw_max, opt.quick,
-                                 args.seed, bar)
+        rows = query_time_rows(r, e, opt.sizes, opt.kinds, opt.queries, opt.k, device, opt.block_items,
+                               opt.faiss and _has_faiss(), opt.faiss_max_float, opt.hnsw_max, opt.quick, args.seed, bar)
+        query += with_token_rows(r, e, rows, opt.sizes, opt.token_K, opt.token_cap_s, args.seed) if r.tokens else rows
     bar.close()
 
     hybrid = hybrid_section(runs, encoded, opt, device, out, progress, args.seed)
@@ -282,6 +292,11 @@ def hybrid_section(runs, encoded, opt: Options, device, out: Path, progress: boo
                      if np.array_equal(e.image_ids, fg.image_ids) and np.array_equal(e.text_ids, fg.text_ids)}
         screeners.update(fine_grained_screeners(fg_run, fg, opt.distill_bits, opt.simhash_bits, opt.distill_steps,
                                                 device, out / "distilled", progress, seed))
+        if fg.has_tokens:  # token re-ranking, on the test split (token sets have no distractors)
+            queries = min(opt.hybrid_queries, 100)
+            rows += [{"fine_grained": fg_run.name, **r} for r in token_hybrid_rows(
+                fg_run, fg, screeners, opt.token_K, queries, opt.repeats, seed)]
+            continue
         if not screeners:
             continue
         for size in (0, *opt.hybrid_galleries):  # 0: the test split alone
@@ -328,6 +343,8 @@ def render_markdown(runs, tables: dict, paths: dict, info: dict, opt: Options) -
                  "set (images for i2t, captions for t2i). " if opt.queries > 0 else "Full query sets. ")
               + "faiss rows: same sample, CPU, `total_s` = build + extrapolated search; recall@k against our "
                 "exhaustive result (tie-aware: an item scoring at least the exact k-th score counts).", ""]
+    if any(r.tokens for r in runs):
+        lines += [TOKEN_QUERY_NOTE.format(cap=opt.token_cap_s), ""]
     lines.append(markdown_table(q_rows, ["model", "gallery", "size", "direction", "method", "params", "timed_queries",
                                          "build_s", "ms_per_query", "total_s", "recall@k", "peak_extra_MiB"],
                                 {"ms_per_query": lambda v: f"{v:.4f}", "build_s": lambda v: f"{v:.2f}",
@@ -345,6 +362,7 @@ def render_markdown(runs, tables: dict, paths: dict, info: dict, opt: Options) -
                   "Screeners: hashing runs as trained, `distilled-B` = a B-bit hash head trained on the "
                   "fine-grained model's frozen embeddings with an instance-level contrastive + distillation loss, "
                   "`simhash-B` = random hyperplanes on the same embeddings (no training).", ""]
+        lines += [TOKEN_HYBRID_NOTE, ""] if any(r.tokens for r in runs) else []
         lines.append(format_rows(hybrid))
     else:
         lines.append("No fine-grained run among the inputs: nothing to re-rank with.")

@@ -60,6 +60,9 @@ def check_model_inputs(card: DatasetCard, model) -> None:
         elif takes is not None:
             raise DataError(f"model.{side}_encoder.name=features needs feature shards (made by "
                             f"`python -m pipeline.features`), but {card.root} holds images and text")
+    if card.features and getattr(model, "token_scorer", None) is not None and not card.features.get("tokens"):
+        raise DataError(f"{card.root} holds feature shards without token features, and a token-level model "
+                        f"compares tokens: make them with `python -m pipeline.features ... --tokens`")
 
 
 def resolve_dataset(cfg_data) -> Path:

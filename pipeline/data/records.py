@@ -4,7 +4,10 @@ A record that fails to decode, has no caption, a label outside the card's catego
 skipped and counted (`RecordDecoder`); the counts ride along with the next batch to the main process.
 Feature shards (made by `python -m pipeline.features`) take the same path: `img.npy` replaces the
 pixels and each caption becomes its `txt.npy` row, so batches carry `images` [B, D] and
-`text` = {"features": [N, D]} for the `features` encoders.
+`text` = {"features": [N, D]} for the `features` encoders. Shards made with `--tokens` carry token
+features too, for token-level models: then `images` = {"features": [B, D], "tokens": [B, T, D],
+"mask": [B, T]} and `text` = {"features": [N, D], "tokens": [N, L, D], "mask": [N, L]} (L: the batch's
+longest caption).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep import TEXT_FEATURES_KEY, caption_of
+from data_prep import IMAGE_TOKENS_KEY, TEXT_FEATURES_KEY, TEXT_MASK_KEY, TEXT_TOKENS_KEY, caption_of
 from pipeline.data.seeds import stream_seed
 
 log = logging.getLogger(__name__)
@@ -37,9 +40,10 @@ class RecordDecoder:
     LOG_EVERY = 100
 
     def __init__(self, image_key: str, num_categories: int, transform: Callable[[Image.Image], torch.Tensor],
-                 features: bool = False, first_index: dict[str, int] | None = None):
+                 features: bool = False, tokens: bool = False, first_index: dict[str, int] | None = None):
         self.image_key, self.num_categories, self.transform = image_key, num_categories, transform
         self.features = features  # feature shards: image and caption vectors instead of pixels and text
+        self.tokens = tokens  # feature shards with token features: each item a (vector, its tokens) pair
         # shards made by others (card layout wds): shard -> index of its first record; no json index there
         self.first_index = first_index
         self.skips: Counter = Counter()
@@ -67,6 +71,8 @@ class RecordDecoder:
             if self.features:
                 pixels = _npy(sample[self.image_key])
                 text_rows = _npy(sample[TEXT_FEATURES_KEY])
+                if self.tokens:
+                    pixels, text_rows = self._with_tokens(sample, pixels, text_rows)
             else:
                 image = Image.open(io.BytesIO(sample[self.image_key])).convert("RGB")
                 pixels = self.transform(image)
@@ -99,6 +105,16 @@ class RecordDecoder:
         caption = caption_of({k: sample[k] for k in ("txt", "json") if k in sample})
         return {"index": self.first_index[sample["__url__"]] + sample["__position__"],
                 "captions": [caption] if caption else [], "labels": []}
+
+    @staticmethod
+    def _with_tokens(sample: dict, vector: torch.Tensor, text_rows: torch.Tensor):
+        """(image vector, its tokens) and, per caption, (vector, its real tokens)."""
+        txt_tokens = _npy(sample[TEXT_TOKENS_KEY])
+        txt_mask = torch.from_numpy(np.load(io.BytesIO(sample[TEXT_MASK_KEY]), allow_pickle=False).astype(bool))
+        if len(txt_tokens) != len(text_rows) or txt_mask.shape != txt_tokens.shape[:2]:
+            raise ValueError(f"{len(txt_tokens)} token sets, {tuple(txt_mask.shape)} masks for {len(text_rows)} captions")
+        return (vector, _npy(sample[IMAGE_TOKENS_KEY])), [(row, t[m]) for row, t, m in
+                                                           zip(text_rows, txt_tokens, txt_mask)]
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         for sample in src:
@@ -174,6 +190,19 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> dict:
     tok = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
     return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
+def feature_inputs(items: list) -> dict:
+    """A `features` encoder's keyword inputs: vectors, or (vector, tokens) pairs whose token sets are padded
+    to the longest (padding zero, masked)."""
+    if not isinstance(items[0], tuple):
+        return {"features": torch.stack(items)}
+    vectors, token_sets = zip(*items)
+    length = max(len(t) for t in token_sets)
+    tokens = torch.zeros(len(items), length, token_sets[0].shape[1])
+    mask = torch.zeros(len(items), length, dtype=torch.bool)
+    for i, t in enumerate(token_sets):
+        tokens[i, :len(t)], mask[i, :len(t)] = t, True
+    return {"features": torch.stack(vectors), "tokens": tokens, "mask": mask}
+
 
 class Collate:
     """Records -> a batch: `images`, `image_ids`, `labels` (multi-hot), `text` (the text encoder's
@@ -188,7 +217,7 @@ class Collate:
     def tokenize(self, texts: list) -> dict:
         """The text encoder's keyword inputs (feature shards: the caption vectors, no tokenizer)."""
         if self.tokenizer is None:
-            return {"features": torch.stack(texts)}
+            return feature_inputs(texts)
         return tokenize(self.tokenizer, texts, self.max_len)
 
     def __call__(self, records: list[dict]) -> dict:
@@ -197,7 +226,8 @@ class Collate:
         labels = torch.zeros(len(records), self.decoder.num_categories)
         for row, r in enumerate(records):
             labels[row, r["labels"]] = 1.0
-        batch = {"images": torch.stack([r["image"] for r in records]),
+        images = [r["image"] for r in records]
+        batch = {"images": feature_inputs(images) if isinstance(images[0], tuple) else torch.stack(images),
                  "image_ids": torch.tensor([r["index"] for r in records], dtype=torch.long),
                  "labels": labels}
         if self.train:

@@ -138,6 +138,7 @@ def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int,
     if train and augment == "crop":
         transform = RandomCrop(transform, seed, epoch, rank)
     decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features),
+                            tokens=bool(card.features and card.features.get("tokens")),
                             first_index=card.first_index(split) if card.layout == WDS_LAYOUT else None)
     collate = Collate(decoder, None if card.features else tokenizer, max_text_len, train, seed, rank)
     if train:

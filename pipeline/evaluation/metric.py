@@ -78,28 +78,36 @@ class RetrievalMetrics(Metric):
         super()._sync_dist(process_group=process_group, **kwargs)
 
     def _add_missing_states(self, process_group) -> None:
-        """Give a rank that saw no data empty tensors of the right dtype and width.
+        """Give a rank that saw no data empty tensors of the right dtype and shape, and every stored
+        tensor the trailing shape shared by all ranks (the largest: token states differ in length).
 
         torchmetrics pads a missing list state with a 1-D float32 tensor, which
         cannot be gathered together with other ranks' 2-D uint8 codes or int64 ids.
         """
         import torch.distributed as dist
 
-        meta = torch.full((len(self._STATES), 3), -1, dtype=torch.int64, device=self.device)
+        meta = torch.full((len(self._STATES), 4), -1, dtype=torch.int64, device=self.device)  # ndim, 2 dims, dtype
         for i, name in enumerate(self._STATES):
-            t = _first_tensor(getattr(self, name))
-            if t is not None:
-                meta[i, 0], meta[i, 1] = t.ndim, t.shape[1] if t.ndim > 1 else 0
-                meta[i, 2] = self._DTYPES.index(t.dtype)
+            tensors = _tensors(getattr(self, name))
+            if tensors:
+                meta[i, 0] = tensors[0].ndim
+                for d in range(1, min(tensors[0].ndim, 3)):
+                    meta[i, d] = max(t.shape[d] for t in tensors)
+                meta[i, 3] = self._DTYPES.index(tensors[0].dtype)
         dist.all_reduce(meta, op=dist.ReduceOp.MAX, group=process_group)
         for i, name in enumerate(self._STATES):
             state = getattr(self, name)
-            ndim, width, code = (int(v) for v in meta[i])
-            if code >= 0 and isinstance(state, list) and not state:
-                shape = (0, width) if ndim > 1 else (0,)
-                state.append(torch.empty(shape, dtype=self._DTYPES[code], device=self.device))
+            ndim, code = int(meta[i, 0]), int(meta[i, 3])
+            if code < 0 or not isinstance(state, list):
+                continue
+            trailing = tuple(int(v) for v in meta[i, 1:ndim])
+            if not state:
+                state.append(torch.empty((0, *trailing), dtype=self._DTYPES[code], device=self.device))
+            state[:] = [pad_trailing(t, trailing) for t in state]
 
-    def compute(self) -> dict[str, float]:
+    def _aligned(self):
+        """(image positions, caption positions, caption -> image index, labels or None): the first copy
+        of each id, ordered by id."""
         img_ids, txt_ids = _cat(self.image_ids), _cat(self.text_ids)
         if img_ids is None or txt_ids is None or not img_ids.numel() or not txt_ids.numel():
             raise ValueError("RetrievalMetrics.compute needs at least one image and one caption")
@@ -119,15 +127,28 @@ class RetrievalMetrics(Metric):
             labels = labels[img_keep]
         else:
             labels = None
+        return img_keep, txt_keep, caption_image, labels
+
+    def compute(self) -> dict[str, float]:
+        img_keep, txt_keep, caption_image, labels = self._aligned()
         return evaluate(_cat(self.image_feats)[img_keep], _cat(self.text_feats)[txt_keep], caption_image,
                         labels, measure=self.measure, ks=self.ks, map_ks=self.map_ks,
                         chunk_size=self.chunk_size)
 
 
-def _first_tensor(state):
+def pad_trailing(t: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """``t`` zero-padded at the end of its trailing dimensions up to ``shape`` (``t.shape[1:]``-sized)."""
+    extra = [want - have for have, want in zip(t.shape[1:], shape)]
+    if not any(extra):
+        return t
+    widths = [w for e in reversed(extra) for w in (0, e)]  # F.pad lists the last dimension first
+    return torch.nn.functional.pad(t, widths)
+
+
+def _tensors(state) -> list:
     if isinstance(state, torch.Tensor):
-        return state
-    return state[0] if state else None
+        return [state]
+    return list(state)
 
 
 def _cat(state):

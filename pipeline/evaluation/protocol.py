@@ -36,15 +36,15 @@ Algorithm (per block of query rows; never the N x M matrix, never N x M x bits)
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.evaluation.ranking import Direction, Relevance, effective_k
-from pipeline.evaluation.scores import as_tensor, default_chunk_size, prepare, score_dtype
+from pipeline.evaluation.scores import as_tensor, default_chunk_size, prepare, score_dtype, score_prepared
 
-__all__ = ["evaluate", "metric_names"]
+__all__ = ["evaluate", "evaluate_blocks", "metric_names"]
 
 _RSUM_KS = (1, 5, 10)
 _FORCE_TORCH = False  # tests flip this to run the torch (GPU) kernels on CPU
@@ -93,32 +93,88 @@ def evaluate(image_feats, text_feats, caption_image, image_labels=None, measure:
     cap = _check_inputs(img, txt, as_tensor(caption_image, device), measure)
     n, m = img.shape[0], txt.shape[0]
     labels = None if image_labels is None else _labels_matrix(image_labels, n, device)
-    with_map = labels is not None and len(map_ks) > 0
-
     dtype = None if measure == "hamming" else (
         torch.float64 if torch.float64 in (img.dtype, txt.dtype) else torch.float32)
     img_p, txt_p = prepare(img, measure, dtype), prepare(txt, measure, dtype)
     if img_p.shape[1] != txt_p.shape[1]:
         raise ValueError(f"feature sizes differ: {img_p.shape[1]} vs {txt_p.shape[1]}")
     chunk_size = chunk_size or default_chunk_size(device)
+    # one score buffer for all blocks of both directions (fresh blocks fragment the heap)
+    buffer = torch.empty(max(_rows(n, m, chunk_size) * m, _rows(m, n, chunk_size) * n),
+                         dtype=score_dtype(img_p, txt_p, measure), device=device)
+    scorers = {"i2t": feature_blocks(img_p, txt_p, measure, buffer), "t2i": feature_blocks(txt_p, img_p, measure, buffer)}
+    bits = 8 * img_p.shape[1] if measure == "hamming" else None  # packed bytes
+    return _rank_and_summarise(scorers, n, m, cap, labels, bits, ks, map_ks, chunk_size, device, num_threads)
+
+
+@torch.no_grad()
+def evaluate_blocks(score_i2t: Callable[[int, int], torch.Tensor], score_t2i: Callable[[int, int], torch.Tensor],
+                    num_images: int, caption_image, image_labels=None, ks: Iterable[int] = (1, 5, 10),
+                    map_ks: Iterable[int | None] = (10, 100, None), chunk_size: int | None = None,
+                    num_threads: int | None = None, device="cpu") -> dict[str, float]:
+    """The protocol on scores supplied block by block, from any scorer (a token-level model, a
+    two-stage ranking): the same ranks, tie rule and metrics as :func:`evaluate`.
+
+    ``score_i2t(a, b)`` returns the scores ``[b - a, M]`` of images ``a:b`` against every caption,
+    ``score_t2i(a, b)`` those ``[b - a, N]`` of captions ``a:b`` against every image, as floating
+    tensors on ``device`` (float64 takes a slower exact path). Blocks hold about ``chunk_size``
+    scores. The other arguments are :func:`evaluate`'s.
+    """
+    ks, map_ks = tuple(int(k) for k in ks), tuple(map_ks)
+    device = torch.device(device)
+    cap = as_tensor(caption_image, device)
+    n = int(num_images)
+    cap = _check_caption_map(cap, n, cap.numel())
+    labels = None if image_labels is None else _labels_matrix(image_labels, n, device)
+    m = cap.numel()
+    scorers = {"i2t": _checked(score_i2t, m, "score_i2t"), "t2i": _checked(score_t2i, n, "score_t2i")}
+    return _rank_and_summarise(scorers, n, m, cap, labels, None, ks, map_ks, chunk_size or default_chunk_size(device),
+                               device, num_threads)
+
+
+def feature_blocks(q: torch.Tensor, g: torch.Tensor, measure: str, buffer: torch.Tensor | None = None):
+    """``score(a, b)``: scores of prepared queries ``a:b`` against the prepared gallery, written into
+    ``buffer`` (reused by every block) when given."""
+    def score(a: int, b: int) -> torch.Tensor:
+        out = None if buffer is None else buffer[: (b - a) * g.shape[0]].view(b - a, g.shape[0])
+        return score_prepared(q[a:b], g, measure, out=out)
+
+    return score
+
+
+def _checked(score: Callable, n_gallery: int, name: str):
+    def checked(a: int, b: int) -> torch.Tensor:
+        s = score(a, b)
+        if tuple(s.shape) != (b - a, n_gallery) or not s.is_floating_point():
+            raise ValueError(f"{name}({a}, {b}) must return floating scores of shape {(b - a, n_gallery)}, "
+                             f"got {s.dtype} {tuple(s.shape)}")
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"{name}({a}, {b}) returned NaN or inf scores")
+        return s.contiguous()
+
+    return checked
+
+
+def _rows(nq: int, n: int, chunk_size: int) -> int:
+    return min(nq, max(1, chunk_size // n))
+
+
+def _rank_and_summarise(scorers: dict, n: int, m: int, cap, labels, bits, ks, map_ks, chunk_size: int, device,
+                        num_threads) -> dict[str, float]:
+    with_map = labels is not None and len(map_ks) > 0
     relevance = Relevance(labels, cap) if with_map else None
     on_cpu = device.type == "cpu" and not _FORCE_TORCH
     threads = 1 if not on_cpu else (num_threads or min(4, torch.get_num_threads()))
-
     # positive (query, gallery) pairs, sorted by query then gallery index
     by_image = torch.sort(cap, stable=True).indices  # caption indices grouped by image
     directions = {
-        "i2t": Direction(img_p, txt_p, measure, cap[by_image], by_image, relevance, "i2t"),
-        "t2i": Direction(txt_p, img_p, measure, torch.arange(m, device=device), cap, relevance, "t2i"),
+        "i2t": Direction(scorers["i2t"], n, m, bits, cap[by_image], by_image, relevance, "i2t"),
+        "t2i": Direction(scorers["t2i"], m, n, bits, torch.arange(m, device=device), cap, relevance, "t2i"),
     }
-    # one score buffer for all blocks of both directions (fresh blocks fragment the heap)
-    rows = {name: min(d.nq, max(1, chunk_size // d.n)) for name, d in directions.items()}
-    block = torch.empty(max(rows[name] * d.n for name, d in directions.items()),
-                        dtype=score_dtype(img_p, txt_p, measure), device=device)
     out, rsum = {}, 0.0
     with ThreadPoolExecutor(threads) if threads > 1 else _NoPool() as pool:
         for prefix, d in directions.items():
-            ranks, aps = d.run(rows[prefix], block, on_cpu, pool, map_ks if with_map else ())
+            ranks, aps = d.run(_rows(d.nq, d.n, chunk_size), on_cpu, pool, map_ks if with_map else ())
             out.update(_summarise(prefix, ranks, aps, ks, map_ks if with_map else (), d.n))
             rsum += sum(100.0 * float(np.count_nonzero(ranks < k)) / ranks.size for k in _RSUM_KS)
     out["rsum"] = rsum
@@ -127,13 +183,24 @@ def evaluate(image_feats, text_feats, caption_image, image_labels=None, measure:
 
 def _check_inputs(img, txt, cap, measure) -> torch.Tensor:
     """Validate shapes and the caption -> image map; return it as int64."""
-    if cap.dtype.is_floating_point or cap.dtype == torch.bool:
-        raise TypeError("caption_image must be an integer array")
-    cap = cap.to(torch.int64).reshape(-1)
     if img.ndim != 2 or txt.ndim != 2:
         raise ValueError("image_feats and text_feats must be 2-D [items, dim]")
     n, m = img.shape[0], txt.shape[0]
     if n == 0 or m == 0:
+        raise ValueError("need at least one image and one caption")
+    cap = _check_caption_map(cap, n, m)
+    if measure != "hamming":
+        for name, t in (("image_feats", img), ("text_feats", txt)):
+            if t.dtype.is_floating_point and not _all_finite(t):
+                raise ValueError(f"{name} contains NaN or inf")
+    return cap
+
+
+def _check_caption_map(cap, n: int, m: int) -> torch.Tensor:
+    if cap.dtype.is_floating_point or cap.dtype == torch.bool:
+        raise TypeError("caption_image must be an integer array")
+    cap = cap.to(torch.int64).reshape(-1)
+    if n <= 0 or m == 0:
         raise ValueError("need at least one image and one caption")
     if cap.numel() != m:
         raise ValueError(f"caption_image needs one entry per caption ({m}), got {cap.numel()}")
@@ -142,10 +209,6 @@ def _check_inputs(img, txt, cap, measure) -> torch.Tensor:
     without = int((torch.bincount(cap, minlength=n) == 0).sum())
     if without:
         raise ValueError(f"{without} image(s) have no caption: their image-to-text rank is undefined")
-    if measure != "hamming":
-        for name, t in (("image_feats", img), ("text_feats", txt)):
-            if t.dtype.is_floating_point and not _all_finite(t):
-                raise ValueError(f"{name} contains NaN or inf")
     return cap
 
 

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import torch
 
-from pipeline.evaluation.scores import canonical_zero, float_bits_key, order_key32, pack_keys, score_prepared
+from pipeline.evaluation.scores import canonical_zero, float_bits_key, order_key32, pack_keys
 
 _SUB_BLOCK = 1 << 17  # elements per CPU sub-block: keys + scratch fit in L2
 _REL_CACHE = 1 << 26  # cache image x image relevance (bool) up to this many entries
@@ -67,29 +67,29 @@ class Relevance:
 
 
 class Direction:
-    """Ranks and per-query APs for one direction (queries ``q`` vs gallery ``g``).
+    """Ranks and per-query APs for one direction: ``nq`` queries against a gallery of ``n``.
 
-    ``pos_q, pos_g``: positive (query, gallery) pairs sorted by query, then
-    gallery index; every query has at least one.
+    ``score(a, b)`` returns the scores ``[b - a, n]`` of queries ``a:b`` (any source: features, a
+    token scorer, a two-stage ranking); ``bits``: the code length when they are minus Hamming
+    distances (narrower sort keys), else None. ``pos_q, pos_g``: positive (query, gallery) pairs
+    sorted by query, then gallery index; every query has at least one.
     """
 
-    def __init__(self, q, g, measure, pos_q, pos_g, relevance, name):
-        self.q, self.g, self.measure, self.name = q, g, measure, name
-        self.nq, self.n = q.shape[0], g.shape[0]
-        self.starts = torch.zeros(self.nq + 1, dtype=torch.int64, device=q.device)
+    def __init__(self, score, nq, n, bits, pos_q, pos_g, relevance, name):
+        self.score, self.nq, self.n, self.bits, self.name = score, nq, n, bits, name
+        self.starts = torch.zeros(self.nq + 1, dtype=torch.int64, device=pos_q.device)
         self.starts[1:] = torch.cumsum(torch.bincount(pos_q, minlength=self.nq), 0)
         self.pos_q, self.pos_g = pos_q, pos_g
         self.relevance = relevance
-        self.bits = 8 * g.shape[1] if measure == "hamming" else None  # packed bytes
         self.local = threading.local()  # per-thread numpy buffers
 
-    def run(self, rows: int, block: torch.Tensor, on_cpu: bool, pool, map_ks):
-        """Score ``rows`` queries at a time into ``block``; return ranks and {k: AP@k}."""
+    def run(self, rows: int, on_cpu: bool, pool, map_ks):
+        """Score ``rows`` queries at a time; return ranks and {k: AP@k}."""
         ks = sorted({effective_k(k, self.n) for k in map_ks})
         ranks, aps = [], {k: [] for k in ks}
         for a in range(0, self.nq, rows):
             b = min(a + rows, self.nq)
-            s = score_prepared(self.q[a:b], self.g, self.measure, out=block[: (b - a) * self.n].view(b - a, self.n))
+            s = self.score(a, b)
             best, best_idx = _best_positive(s, self.pos_q, self.pos_g, self.starts, a, b)
             if on_cpu:
                 r, ap = self._block_numpy(s.numpy(), best.numpy(), best_idx.numpy(), a, ks, pool)

@@ -22,6 +22,7 @@ from pipeline.cli import progress_bar
 from pipeline.data import build_stream
 from pipeline.evaluation.metric import first_by_id
 from pipeline.inference.runs import Run, RunError
+from pipeline.models.token_scorers import TokenSet
 
 
 @dataclass
@@ -37,6 +38,21 @@ class EncodedSplit:
     image_ids: np.ndarray
     text_ids: np.ndarray
     timing: dict = field(default_factory=dict)
+    # token-level runs only (None otherwise): what the run's token_scorer compares, padded to the split's
+    # longest token set; `image_gallery` / `text_gallery` are then the global embeddings that screen
+    image_tokens: np.ndarray | None = None  # [N, R, D]
+    image_mask: np.ndarray | None = None  # [N, R] bool
+    text_tokens: np.ndarray | None = None  # [M, W, D]
+    text_mask: np.ndarray | None = None  # [M, W] bool
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.image_tokens is not None
+
+    def token_sets(self) -> tuple[TokenSet, TokenSet]:
+        """(images, captions) as the token scorer takes them (CPU tensors sharing the arrays' memory)."""
+        return (TokenSet(torch.from_numpy(self.image_tokens), torch.from_numpy(self.image_mask)),
+                TokenSet(torch.from_numpy(self.text_tokens), torch.from_numpy(self.text_mask)))
 
     @property
     def num_images(self) -> int:
@@ -50,6 +66,11 @@ class EncodedSplit:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _first(x, n: int):
+    """The first `n` rows of a batch's input (a tensor, or a dict of them)."""
+    return {k: v[:n] for k, v in x.items()} if isinstance(x, dict) else x[:n]
 
 
 def _to(x, device):
@@ -70,8 +91,9 @@ def encode_split(run: Run, split: str = "test", device="cpu", batch_size: int | 
                              num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=dm.epoch,
                              tokenizer=dm.tokenizer, max_text_len=cfg.data.max_text_len, transform=dm.transform)
 
-    image_side, text_side = module.encode_images, module.encode_texts
-    parts = {k: [] for k in ("img", "txt", "image_ids", "labels", "text_ids", "text_image_ids")}
+    image_side, text_side = module.encode_images_with_tokens, module.encode_texts_with_tokens
+    parts = {k: [] for k in ("img", "txt", "image_ids", "labels", "text_ids", "text_image_ids", "img_tokens",
+                             "txt_tokens")}
     t_img = t_txt = 0.0
     warm = False
     bar = progress_bar(dm.card.num_images(split), f"encode {run.name} ({split})", progress, "img")
@@ -80,26 +102,31 @@ def encode_split(run: Run, split: str = "test", device="cpu", batch_size: int | 
             break
         images, text = _to(batch["images"], device), _to(batch["text"], device)
         if not warm:  # one untimed pass: allocator, kernel selection, lazy init
-            image_side(images[:8])
-            text_side({k: v[:8] for k, v in text.items()})
+            image_side(_first(images, 8))
+            text_side(_first(text, 8))
             warm = True
         _sync(device)
         t0 = time.perf_counter()
-        img = image_side(images)
+        img, img_tokens = image_side(images)
         _sync(device)
         t1 = time.perf_counter()
-        txt = text_side(text)
+        txt, txt_tokens = text_side(text)
         _sync(device)
         t_img += t1 - t0
         t_txt += time.perf_counter() - t1
         parts["img"].append(img.float().cpu())
         parts["txt"].append(txt.float().cpu())
+        if img_tokens is not None:
+            parts["img_tokens"].append(img_tokens.to("cpu"))
+            parts["txt_tokens"].append(txt_tokens.to("cpu"))
         for key in ("image_ids", "labels", "text_ids", "text_image_ids"):
             parts[key].append(batch[key].cpu())
         bar.update(len(batch["image_ids"]))
     bar.close()
     if not parts["img"]:
         raise RunError(f"{run.path}: split '{split}' yielded no records")
+    token_parts = {side: parts.pop(f"{side}_tokens") for side in ("img", "txt")}
+    tokens = {side: TokenSet.cat(sets) if sets else None for side, sets in token_parts.items()}
     cat = {k: torch.cat(v) for k, v in parts.items()}
     # id order, first copy of each id: what RetrievalMetrics.compute does with the same batches
     img_order, _ = first_by_id(cat["image_ids"])
@@ -116,6 +143,11 @@ def encode_split(run: Run, split: str = "test", device="cpu", batch_size: int | 
     timing = {"device": str(device), "batch_size": bs, "threads": torch.get_num_threads(),
               "image_seconds": t_img, "text_seconds": t_txt, "images": n, "texts": m,
               "captions_per_batch": m / max(1, len(parts["img"]))}
-    return EncodedSplit(image.numpy(), text.numpy(), image_gallery.numpy(), text_gallery.numpy(),
-                        caption_image.numpy(), (cat["labels"][img_order] != 0).numpy().astype(np.uint8),
-                        img_ids.numpy(), cat["text_ids"][txt_order].numpy(), timing)
+    enc = EncodedSplit(image.numpy(), text.numpy(), image_gallery.numpy(), text_gallery.numpy(),
+                       caption_image.numpy(), (cat["labels"][img_order] != 0).numpy().astype(np.uint8),
+                       img_ids.numpy(), cat["text_ids"][txt_order].numpy(), timing)
+    if tokens["img"] is not None:
+        img_set, txt_set = tokens["img"][img_order], tokens["txt"][txt_order].trimmed()
+        enc.image_tokens, enc.image_mask = img_set.tokens.float().numpy(), img_set.mask.numpy()
+        enc.text_tokens, enc.text_mask = txt_set.tokens.float().numpy(), txt_set.mask.numpy()
+    return enc

@@ -49,7 +49,21 @@ class Run:
         return int(self.cfg.model.bits if self.family == "hash" else self.cfg.model.embed_dim)
 
     @property
+    def tokens(self) -> bool:
+        """Whether the run compares token sets (its module has a token_scorer)."""
+        return self.module.token_scorer is not None
+
+    @property
+    def scorer_name(self) -> str | None:
+        """The token scorer and its direction, e.g. `LateInteraction (both)`; None without one."""
+        scorer = self.module.token_scorer
+        return None if scorer is None else f"{type(scorer).__name__} ({scorer.direction})"
+
+    @property
     def representation(self) -> str:
+        if self.tokens:
+            return (f"{self.cfg.tokens.dim}-d fp32 token sets ({self.cfg.tokens.scorer}) + {self.dim}-d fp32 "
+                    f"screen")
         return f"{self.dim}-bit codes" if self.family == "hash" else f"{self.dim}-d fp32"
 
     @cached_property
@@ -64,6 +78,15 @@ class Run:
     @cached_property
     def fingerprint(self) -> str:
         return weights_fingerprint(self.module)
+
+    @property
+    def test_scoring(self) -> dict:
+        """How the run's test split was scored (test_scoring.json; else its config's test mode)."""
+        path = self.path / "test_scoring.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        mode = self.cfg.tokens.test_scoring if self.tokens else "exhaustive"
+        return {"mode": mode, "screen_k": self.cfg.tokens.screen_k if mode == "screened" else None}
 
     def test_metrics(self) -> dict | None:
         path = self.path / "test_metrics.json"

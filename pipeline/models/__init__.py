@@ -2,7 +2,10 @@
 
     encoders.py   image and text encoders -> Encoded(vector, tokens, mask): SmallCNN, any transformers
                   vision / text model, precomputed features, frozen wrappers
-    heads.py      retrieval heads on the global vector: embedding (cosine) and hash (tanh; sign at test)
+    heads.py      retrieval heads: embedding (cosine) and hash (tanh; sign at test) on the global vector,
+                  token embeddings on the tokens
+    token_scorers.py  token-level scorers of image and caption token sets: late interaction (FILIP /
+                  ColBERT) and cross-attention (SCAN), blockwise, padding masked
 
 A new encoder or head goes here. Imports `pipeline.config` only (for its errors); no data, no losses.
 """

@@ -37,6 +37,7 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(grid))
         self.flatten = nn.Linear(width * grid * grid, width)
         self.out_dim = width
+        self.token_positions = grid * grid  # tokens always at the same places: token heads may learn where
 
     def forward(self, images: torch.Tensor) -> Encoded:
         grid = self.features(images)  # [B, C, g, g]
@@ -99,18 +100,23 @@ class FeatureInput(nn.Module):
     """Precomputed features as the encoder output (feature shards, `python -m pipeline.features`):
     the heads train on top of frozen-backbone vectors, as UCCH and most hashing work do.
     Selected by the encoder name `features`; `width` is the feature dimension (dataset.json
-    `features.image_dim` / `text_dim`)."""
+    `features.image_dim` / `text_dim`). Shards made with `--tokens` also hand it each item's tokens."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.feature_dim = self.out_dim = dim
 
-    def forward(self, features: torch.Tensor) -> Encoded:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> Encoded:
+        """`tokens [B, T, D]` and `mask [B, T]` come from shards made with `--tokens`; without them the
+        vector is the one token."""
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
             raise ValueError(f"expected features of shape [batch, {self.feature_dim}], got {list(features.shape)}: "
                              f"set the encoder's width to the dataset card's feature dimension")
-        mask = torch.ones(features.shape[0], 1, dtype=torch.bool, device=features.device)
-        return Encoded(features, features.unsqueeze(1), mask)
+        if tokens is None:
+            tokens, mask = features.unsqueeze(1), torch.ones(features.shape[0], 1, dtype=torch.bool,
+                                                             device=features.device)
+        return Encoded(features, tokens, mask)
 
 
 class Frozen(nn.Module):
@@ -123,6 +129,7 @@ class Frozen(nn.Module):
         self.encoder = encoder.requires_grad_(False)
         self.out_dim = encoder.out_dim
         self.token_dim = getattr(encoder, "token_dim", encoder.out_dim)
+        self.token_positions = getattr(encoder, "token_positions", None)
         self.train(False)
 
     def train(self, mode: bool = True) -> "Frozen":

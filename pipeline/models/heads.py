@@ -1,9 +1,11 @@
-"""Retrieval heads on top of the encoders' global vectors."""
+"""Retrieval heads on top of the encoders' outputs: global vectors (embedding, hash) and tokens."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.models.token_scorers import TokenSet
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -35,3 +37,20 @@ class HashHead(nn.Module):
 def binarize(h: torch.Tensor) -> torch.Tensor:
     """±1 codes; sign(0) is mapped to +1 so that every bit is defined."""
     return torch.where(h >= 0, 1.0, -1.0).to(h.dtype)
+
+
+class TokenHead(nn.Module):
+    """Token embeddings for token-level scoring: every token mapped linearly to `dim`, L2-normalised, the
+    padding set to zero. With `positions` (an encoder whose tokens always sit at the same places, like the
+    CNN's grid cells) a learned embedding of each place is added first: a caption says *where* things are,
+    and a cell's features alone barely do (transformers already add position embeddings)."""
+
+    def __init__(self, in_dim: int, dim: int, positions: int | None = None):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+        self.position = nn.Parameter(torch.zeros(positions, in_dim)) if positions else None
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> TokenSet:
+        if self.position is not None:
+            tokens = tokens + self.position
+        return TokenSet(F.normalize(self.proj(tokens), dim=-1) * mask[..., None].to(tokens.dtype), mask.bool())

@@ -1,5 +1,5 @@
-"""Fine-grained objectives on global embeddings: symmetric InfoNCE (CLIP) and VSE++'s hardest negative,
-local rows against gathered columns."""
+"""Fine-grained objectives: symmetric InfoNCE (CLIP) and VSE++'s hardest negative, local rows against
+gathered columns; on global embeddings, or on the score rows of any scorer (`*_scores`)."""
 from __future__ import annotations
 
 import torch
@@ -22,14 +22,7 @@ def info_nce(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     """Symmetric InfoNCE (CLIP) on L2-normalised embeddings, local rows vs gathered columns."""
     img_all, offset = gather_with_grad(img)
     txt_all, _ = gather_with_grad(txt)
-    logits_i2t = logit_scale * img @ txt_all.T
-    logits_t2i = logit_scale * txt @ img_all.T
-    if ids is not None:
-        mask = same_item_mask(ids, gather_no_grad(ids), offset)
-        logits_i2t = logits_i2t.masked_fill(mask, float("-inf"))
-        logits_t2i = logits_t2i.masked_fill(mask, float("-inf"))
-    target = torch.arange(img.shape[0], device=img.device) + offset
-    return (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
+    return info_nce_scores(img @ txt_all.T, txt @ img_all.T, logit_scale, offset, ids)
 
 
 def vse_max_violation(img: torch.Tensor, txt: torch.Tensor, margin: float,
@@ -38,14 +31,33 @@ def vse_max_violation(img: torch.Tensor, txt: torch.Tensor, margin: float,
     keeps the loss scale independent of the batch and makes DDP equal the single-process loss)."""
     img_all, offset = gather_with_grad(img)
     txt_all, _ = gather_with_grad(txt)
-    rows = torch.arange(img.shape[0], device=img.device)
-    exclude = torch.zeros(img.shape[0], img_all.shape[0], dtype=torch.bool, device=img.device)
+    return vse_max_violation_scores(img @ txt_all.T, txt @ img_all.T, margin, offset, ids)
+
+
+# The same objectives on score rows from any scorer (token-level ones too): `i2t [B, W*B]` scores this
+# rank's images against every rank's captions, `t2i [B, W*B]` this rank's captions against every rank's
+# images, and this rank's pairs sit at columns `offset + arange(B)`.
+
+def info_nce_scores(i2t: torch.Tensor, t2i: torch.Tensor, logit_scale: torch.Tensor, offset: int,
+                    ids: torch.Tensor | None = None) -> torch.Tensor:
+    logits_i2t, logits_t2i = logit_scale * i2t, logit_scale * t2i
+    if ids is not None:
+        mask = same_item_mask(ids, gather_no_grad(ids), offset)
+        logits_i2t = logits_i2t.masked_fill(mask, float("-inf"))
+        logits_t2i = logits_t2i.masked_fill(mask, float("-inf"))
+    target = torch.arange(i2t.shape[0], device=i2t.device) + offset
+    return (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
+
+
+def vse_max_violation_scores(i2t: torch.Tensor, t2i: torch.Tensor, margin: float, offset: int,
+                             ids: torch.Tensor | None = None) -> torch.Tensor:
+    rows = torch.arange(i2t.shape[0], device=i2t.device)
+    exclude = torch.zeros(i2t.shape, dtype=torch.bool, device=i2t.device)
     exclude[rows, rows + offset] = True
     if ids is not None:
         exclude |= same_item_mask(ids, gather_no_grad(ids), offset)
-    loss = img.new_zeros(())
-    for query, gallery in ((img, txt_all), (txt, img_all)):
-        scores = query @ gallery.T
+    loss = i2t.new_zeros(())
+    for scores in (i2t, t2i):
         positive = scores[rows, rows + offset]
         hinge = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(exclude, 0)
         loss = loss + hinge.max(dim=1).values.mean()

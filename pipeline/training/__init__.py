@@ -5,6 +5,8 @@ trained by a Lightning Trainer in a stable run directory, on one CPU, GPUs, or n
     module.py      RetrievalModule: the training step, validation / test by the protocol, the optimiser
     aligner.py     FineGrainedAligner (continuous embeddings)
     hasher.py      CrossModalHasher (UCCH hashing)
+    token_aligner.py  TokenAligner (token-level fine-grained: late interaction or cross-attention, with the
+                   global embedding that screens)
     build.py       a config's LightningModule with its encoders and heads
     restore.py     a trained module back from its run folder (plain-data checkpoints only)
     backbone.py    the shapes backbone: pretrained once, cached (python -m pipeline.backbone)

@@ -2,18 +2,21 @@
 config leaves to the encoders (their image statistics, their own tokenizer)."""
 from __future__ import annotations
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, to_dict
 from pipeline.models import openclip
 from pipeline.models.encoders import build_image_encoder, build_text_encoder, image_statistics
+from pipeline.models.token_scorers import build_token_scorer
 from pipeline.training.aligner import FineGrainedAligner
 from pipeline.training.backbone import resolve_init
 from pipeline.training.hasher import CrossModalHasher
 from pipeline.training.module import RetrievalModule
+from pipeline.training.token_aligner import TokenAligner
 
 
 def module_class(cfg) -> type[RetrievalModule]:
     """The LightningModule class of the config's model family (its class attributes say what it logs)."""
-    return FineGrainedAligner if cfg.model.kind == "fine_grained" else CrossModalHasher
+    return {"fine_grained": FineGrainedAligner, "fine_grained_tokens": TokenAligner}.get(cfg.model.kind,
+                                                                                        CrossModalHasher)
 
 
 def complete_config(cfg):
@@ -53,6 +56,10 @@ def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int =
         a = cfg.align
         return FineGrainedAligner(image_encoder, text_encoder, optim, cfg.model.embed_dim, cfg.model.head_hidden,
                                   a.loss, a.init_temperature, a.max_logit_scale, a.margin)
+    if cfg.model.kind == "fine_grained_tokens":
+        align = {k: cfg.align[k] for k in ("loss", "init_temperature", "max_logit_scale", "margin")}
+        return TokenAligner(image_encoder, text_encoder, optim, cfg.model.embed_dim, cfg.model.head_hidden, align,
+                            to_dict(cfg.tokens), build_token_scorer(cfg.tokens))
     h = cfg.hash
     return CrossModalHasher(image_encoder, text_encoder, optim, cfg.model.bits, cfg.model.head_hidden,
                             num_train_items, h.alpha, h.tau, h.momentum, h.num_negatives, h.margin, h.shift,

@@ -33,7 +33,7 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
-        samples = len(batch["images"]) * trainer.world_size
+        samples = len(batch["image_ids"]) * trainer.world_size  # images may be a dict (token feature shards)
         self._window.append((self._wait, now - self._start + self._wait, samples))
         self._batch_end = now
         if len(self._window) >= trainer.log_every_n_steps:

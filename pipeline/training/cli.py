@@ -99,8 +99,12 @@ def main(argv=None) -> int:
 
     if trainer.is_global_zero:
         results = model.test_results
+        if model.test_scoring:  # how the scores were made (test_metrics.json holds numbers only)
+            (run_dir / "test_scoring.json").write_text(json.dumps(model.test_scoring, indent=2) + "\n")
         (run_dir / FINISHED).write_text(json.dumps(results, indent=2) + "\n")
         print("\n" + format_table(results, f"{cfg.run.name}: test ({'trained' if cfg.run.train else 'untrained'})"))
+        if model.test_scoring:
+            print(f"test scoring: {model.test_scoring['description']}")
         print(f"\nrun directory: {run_dir}")
         upload_best_checkpoint(cfg, run_dir, results)
         if cfg.logger.wandb:

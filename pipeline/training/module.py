@@ -1,7 +1,8 @@
 """The LightningModule both families share: encoders and heads are injected; it owns the training step,
 evaluation by the protocol on val/test, and the optimiser with its schedule. A subclass says what its
 heads are (`image_head`, `text_head`), its `objective` and its `gallery_features` (what retrieval
-compares: embeddings, or packed codes)."""
+compares: embeddings, or packed codes). Token-level families also return token sets
+(`encode_*_with_tokens`) and carry the `token_scorer` that compares them."""
 from __future__ import annotations
 
 import math
@@ -19,7 +20,11 @@ class RetrievalModule(L.LightningModule):
     Subclasses define the heads (`image_head`, `text_head`), `objective` and `gallery_features`. Every tool
     that uses a trained model (encoding, report, hybrid, search, export) goes through `encode_images` /
     `encode_texts`, `gallery_features` and `measure`, so a new family plugs in by defining them; state
-    that only training needs is named in `training_only_state`."""
+    that only training needs is named in `training_only_state`. A token-level family also defines
+    `encode_images_with_tokens` / `encode_texts_with_tokens` (the same output and the token set, from one
+    forward pass) and sets `token_scorer` (`token_scorer(images, texts)` scores token sets) and
+    `test_scoring` (how its test split is scored, written to the run folder); for the other families they
+    are None."""
 
     measure = "cosine"
     ks: tuple[int, ...] = (1, 5, 10)
@@ -33,10 +38,13 @@ class RetrievalModule(L.LightningModule):
         self.val_metrics = RetrievalMetrics(measure=self.measure, ks=self.ks)
         self.test_metrics = RetrievalMetrics(measure=self.measure, ks=self.ks)
         self.test_results: dict[str, float] = {}
+        self.token_scorer: nn.Module | None = None
+        self.test_scoring: dict | None = None
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """The continuous output of the image side (embeddings, or relaxed codes before sign)."""
-        return self.image_head(self.image_encoder(images).vector)
+    def encode_images(self, images: torch.Tensor | dict) -> torch.Tensor:
+        """The continuous output of the image side (embeddings, or relaxed codes before sign). `images` is a
+        batch's `images`: pixels, feature vectors, or (token feature shards) the encoder's keyword inputs."""
+        return self.image_head(encode(self.image_encoder, images).vector)
 
     def encode_texts(self, text: dict) -> torch.Tensor:
         """The same for captions; `text` is the text encoder's keyword inputs (a batch's `text`)."""
@@ -57,6 +65,14 @@ class RetrievalModule(L.LightningModule):
         missing = [k for k in missing if not self.is_training_only(k)]
         if missing or unexpected:
             raise RuntimeError(f"weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def encode_images_with_tokens(self, images: torch.Tensor):
+        """(encode_images' output, the images' token set or None): one forward pass for both."""
+        return self.encode_images(images), None
+
+    def encode_texts_with_tokens(self, text: dict):
+        """(encode_texts' output, the captions' token set or None)."""
+        return self.encode_texts(text), None
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_images(batch["images"]), self.encode_texts(batch["text"])
@@ -110,6 +126,11 @@ class RetrievalModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def encode(encoder: nn.Module, inputs):
+    """An encoder on a batch's inputs: a tensor, or a dict of keyword inputs."""
+    return encoder(**inputs) if isinstance(inputs, dict) else encoder(inputs)
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

@@ -129,3 +129,49 @@ def test_features_from_transformers_backbones_with_tokens(tmp_path, backbones, m
         assert mask.dtype == bool and mask[:, 0].all() and mask.any(0).all()  # trimmed to the longest caption
         # the global vector is the tower's pooled output (CLIP: post-layernorm [CLS]), not the raw [CLS] token
         assert not np.allclose(load["img.npy"], load["img_tokens.npy"][0])
+
+
+TINY_TOKENS = [*TINY_RUN, "tokens.dim=16", "tokens.screen_k=4"]
+
+
+@pytest.mark.slow  # the same token code as the shapes configs; the feature-shard test below covers the data path
+def test_token_config_on_patch_tokens_and_word_pieces(tmp_path, backbones, manifest_dataset):
+    """Cross-attention end to end on a ViT's patch tokens and BERT's word pieces, loaded from disk."""
+    proc = run_train(["--config", "coco_fine_grained_scan.yaml", f"data.root={manifest_dataset}",
+                      *local(backbones, "vit"), *TINY_TOKENS, f"run.root={tmp_path}"], cwd=tmp_path,
+                     env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scoring = json.loads((tmp_path / "coco_fine_grained_scan" / "test_scoring.json").read_text())
+    assert scoring["mode"] == "exhaustive" and scoring["scorer"] == "CrossAttention (t2i)"
+    assert "t2i_mAP@N" in json.loads((tmp_path / "coco_fine_grained_scan" / "test_metrics.json").read_text())
+
+
+def test_token_config_on_token_feature_shards(tmp_path, backbones, manifest_dataset):
+    """Late interaction on shards made with `pipeline.features --tokens` (ViT patches, BERT word pieces):
+    the stream hands the token sets to the `features` encoders; without token features it is refused."""
+    out = tmp_path / "token_features"
+    assert features_cli(["--shards", str(manifest_dataset), "--config", "coco_fine_grained_tokens.yaml",
+                         *local(backbones, "vit"), "--out", str(out), "--tokens", "--workers", "0",
+                         "--no-progress"]) == 0
+    proc = run_train(["--config", "coco_fine_grained_tokens_features.yaml", f"data.root={out}",
+                      "model.image_encoder.width=32", "model.text_encoder.width=32", *TINY_TOKENS,
+                      f"run.root={tmp_path}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "coco_fine_grained_tokens_features" / "test_metrics.json").read_text())
+    assert 0 <= metrics["i2t_R@1"] <= 100 and "t2i_mAP@N" in metrics
+    # a token-level model on vector-only feature shards is refused at start-up: it needs the token features
+    from pipeline.data import DataError, DatasetCard, check_model_inputs
+    from pipeline.models.encoders import FeatureInput
+    from pipeline.models.token_scorers import LateInteraction
+
+    class TokenModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image_encoder, self.text_encoder = FeatureInput(32), FeatureInput(32)
+            self.token_scorer = LateInteraction()
+
+    card = DatasetCard.read(out)
+    check_model_inputs(card, TokenModel())
+    card.features = {**card.features, "tokens": False}
+    with pytest.raises(DataError, match="--tokens"):
+        check_model_inputs(card, TokenModel())

@@ -1,0 +1,77 @@
+"""The token-level fine-grained family (`model.kind: fine_grained_tokens`): images and captions are
+compared token by token (late interaction or SCAN-style cross-attention), trained with InfoNCE or VSE++ on
+the token scores, jointly with a global embedding that screens the gallery at evaluation."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.evaluation.token_metric import TokenRetrievalMetrics
+from pipeline.models.heads import TokenHead
+from pipeline.models.token_scorers import TokenScorer, TokenSet
+from pipeline.objectives.tokens import token_alignment_loss
+from pipeline.training.aligner import FineGrainedAligner
+from pipeline.training.module import encode
+
+
+class TokenAligner(FineGrainedAligner):
+    """FineGrainedAligner's global embeddings and objective (the screen), plus token heads, a token scorer
+    and the token objective: loss = token loss + `global_weight` x global loss.
+
+    `tokens`: the config's `tokens` section as a dict (dim, loss, init_temperature, max_logit_scale,
+    margin, global_weight, val_scoring, test_scoring, screen_k); `scorer` is injected."""
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optim: dict, embed_dim: int,
+                 head_hidden: int, align: dict, tokens: dict, scorer: TokenScorer):
+        super().__init__(image_encoder, text_encoder, optim, embed_dim, head_hidden, **align)
+        self.image_token_head = TokenHead(getattr(image_encoder, "token_dim", image_encoder.out_dim), tokens["dim"],
+                                          getattr(image_encoder, "token_positions", None))
+        self.text_token_head = TokenHead(getattr(text_encoder, "token_dim", text_encoder.out_dim), tokens["dim"])
+        self.token_scorer = scorer
+        self.token_logit_scale = nn.Parameter(torch.tensor(math.log(1 / tokens["init_temperature"])))
+        self.token_loss, self.token_margin = tokens["loss"], tokens["margin"]
+        self.token_max_log_scale, self.global_weight = math.log(tokens["max_logit_scale"]), tokens["global_weight"]
+        self.score_grid, score_pairs = scorer.functions()
+        k = tokens["screen_k"]
+        self.val_metrics = TokenRetrievalMetrics(self.score_grid, score_pairs, tokens["val_scoring"], k, ks=self.ks)
+        self.test_metrics = TokenRetrievalMetrics(self.score_grid, score_pairs, tokens["test_scoring"], k, ks=self.ks)
+        screened = tokens["test_scoring"] == "screened"
+        name = f"{type(scorer).__name__} ({scorer.direction})"
+        self.test_scoring = {
+            "mode": tokens["test_scoring"], "screen_k": k if screened else None, "scorer": name,
+            "description": (f"screened: the {embed_dim}-d global embedding's top {k} re-ranked by {name}, the rest "
+                            f"in screen order" if screened else f"exhaustive: every image-caption pair scored by {name}")}
+
+    def encode_images_with_tokens(self, images: torch.Tensor):
+        enc = encode(self.image_encoder, images)
+        return self.image_head(enc.vector), self.image_token_head(enc.tokens, enc.mask)
+
+    def encode_texts_with_tokens(self, text: dict):
+        enc = self.text_encoder(**text)
+        return self.text_head(enc.vector), self.text_token_head(enc.tokens, enc.mask)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        img, img_set = self.encode_images_with_tokens(batch["images"])
+        txt, txt_set = self.encode_texts_with_tokens(batch["text"])
+        global_loss, parts = self.objective(img, txt, batch)
+        token_loss, token_parts = self.token_objective(img_set, txt_set, batch["image_ids"])
+        loss = token_loss + self.global_weight * global_loss
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({"train/global_loss": global_loss.detach(), "train/token_loss": token_loss.detach(),
+                       **{f"train/{k}": v for k, v in {**parts, **token_parts}.items()}})
+        return loss
+
+    def token_objective(self, img_set: TokenSet, txt_set: TokenSet, ids: torch.Tensor):
+        """The token loss of this rank's rows against every rank's items."""
+        scale = self.token_logit_scale.clamp(max=self.token_max_log_scale).exp()
+        loss = token_alignment_loss(self.score_grid, img_set.tokens, img_set.mask, txt_set.tokens, txt_set.mask, ids,
+                                    self.token_loss, scale, self.token_margin)
+        return loss, ({"token_logit_scale": scale.detach()} if self.token_loss == "infonce" else {})
+
+    def _eval_step(self, batch: dict, metrics: TokenRetrievalMetrics) -> None:
+        img, img_set = self.encode_images_with_tokens(batch["images"])
+        txt, txt_set = self.encode_texts_with_tokens(batch["text"])
+        metrics.update(img, batch["image_ids"], batch["labels"], txt, batch["text_ids"], batch["text_image_ids"],
+                       img_set.tokens, img_set.mask, txt_set.tokens, txt_set.mask)
