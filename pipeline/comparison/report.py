@@ -50,7 +50,7 @@ from pipeline.comparison import plots
 from pipeline.comparison.hybrid import HYBRID_COLUMNS, format_rows, run_hybrid
 from pipeline.comparison.measure import machine_info
 from pipeline.comparison.query_time import QUERY_COLUMNS, query_time_rows
-from pipeline.comparison.screeners import fine_grained_screeners
+from pipeline.comparison.screeners import fine_grained_screeners, run_screeners
 from pipeline.comparison.writers import csv_value, markdown_table, write_csv
 from pipeline.evaluation.protocol import evaluate
 from pipeline.inference.encoding import EncodedSplit, encode_split
@@ -72,15 +72,22 @@ STORAGE_COLUMNS = ["model", "storage", "bytes_per_item", "test_gallery_items", "
                    "gallery_1M_5M_GiB"]
 
 
-def quality_row(run: Run, enc: EncodedSplit) -> dict:
+def quality_row(run: Run, enc: EncodedSplit, bits: int | None = None) -> dict:
+    """The run's protocol figures re-computed from its encoded split; with `bits`, those of a nested prefix."""
+    if bits is not None:
+        enc = enc.prefix(bits)
     res = evaluate(enc.image_gallery, enc.text_gallery, enc.caption_image, enc.labels, measure=run.measure,
                    ks=DEEP_KS)
     own = run.test_metrics() or {}
+    if bits is not None:  # the run's own figures for this prefix
+        own = {k.split("/", 1)[1]: v for k, v in own.items() if k.startswith(f"{bits}bit/")}
     # the run's own numbers were computed with its own ks: compare every name both have
     # (rsum is R@1/5/10 of both directions whatever the ks)
     shared = [k for k in own if k in res]
     diff = max((abs(res[k] - own[k]) for k in shared), default=float("nan"))
-    return {"model": run.name, "family": run.family, "representation": run.representation, **res,
+    name, representation = ((run.name, run.representation) if bits is None
+                            else (f"{run.name}@{bits}", f"first {bits} bits of {run.dim}"))
+    return {"model": name, "family": run.family, "representation": representation, **res,
             "max_abs_diff_vs_test_metrics": diff}
 
 
@@ -101,6 +108,7 @@ def storage_rows(run: Run, enc: EncodedSplit) -> list[dict]:
     if run.family == "hash":
         bits = run.dim
         kinds = [(f"packed codes, {bits} bits (ours)", bits // 8), ("one int8 per bit (paper's count)", bits)]
+        kinds += [(f"packed codes, first {p} bits (nested prefix)", p // 8) for p in run.module.prefixes]
     else:
         kinds = [(f"{run.dim}-d float32", run.dim * 4)]
     return [{"model": run.name, "storage": name, "bytes_per_item": b, "test_gallery_items": n,
@@ -225,7 +233,7 @@ def build_report(args) -> dict:
             r.name = r.path.name
     encoded = [encode_split(r, "test", device=device, batch_size=args.batch_size, progress=progress) for r in runs]
 
-    quality = [quality_row(r, e) for r, e in zip(runs, encoded)]
+    quality = [quality_row(r, e, bits) for r, e in zip(runs, encoded) for bits in (*r.module.prefixes, None)]
     encoding = [row for r, e in zip(runs, encoded) for row in encoding_rows(r, e)]
     storage = [row for r, e in zip(runs, encoded) for row in storage_rows(r, e)]
 
@@ -275,11 +283,13 @@ def _has_faiss() -> bool:
 
 def hybrid_section(runs, encoded, opt: Options, device, out: Path, progress: bool, seed: int) -> list[dict]:
     fgs = [(r, e) for r, e in zip(runs, encoded) if r.family == "fine_grained"]
-    hashes = {r.name: e for r, e in zip(runs, encoded) if r.family == "hash"}
+    hashes = [(r, e) for r, e in zip(runs, encoded) if r.family == "hash"]
     rows = []
     for fg_run, fg in fgs:
-        screeners = {n: e for n, e in hashes.items()
-                     if np.array_equal(e.image_ids, fg.image_ids) and np.array_equal(e.text_ids, fg.text_ids)}
+        screeners = {}
+        for r, e in hashes:  # every hashing run of the same test split screens, a nested one also by its prefixes
+            if np.array_equal(e.image_ids, fg.image_ids) and np.array_equal(e.text_ids, fg.text_ids):
+                screeners.update(run_screeners(r.name, e, r.module.prefixes))
         screeners.update(fine_grained_screeners(fg_run, fg, opt.distill_bits, opt.simhash_bits, opt.distill_steps,
                                                 device, out / "distilled", progress, seed))
         if not screeners:

@@ -13,7 +13,7 @@ per item): data loading, decoding and tokenisation are excluded, the first batch
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -37,6 +37,17 @@ class EncodedSplit:
     image_ids: np.ndarray
     text_ids: np.ndarray
     timing: dict = field(default_factory=dict)
+    # nested codes: bits -> (image, text) packed codes of that prefix (the module's gallery_features(x, bits))
+    prefix_galleries: dict = field(default_factory=dict)
+
+    def prefix(self, bits: int) -> "EncodedSplit":
+        """The split as the model's first `bits` bits see it (a nested code's prefix): its packed codes and
+        the first `bits` of the continuous outputs."""
+        if bits not in self.prefix_galleries:
+            raise ValueError(f"no {bits}-bit prefix: this model's prefixes are {sorted(self.prefix_galleries)}")
+        image_gallery, text_gallery = self.prefix_galleries[bits]
+        return replace(self, image=self.image[:, :bits], text=self.text[:, :bits], image_gallery=image_gallery,
+                       text_gallery=text_gallery, prefix_galleries={})
 
     @property
     def num_images(self) -> int:
@@ -112,10 +123,12 @@ def encode_split(run: Run, split: str = "test", device="cpu", batch_size: int | 
         raise RunError(f"{run.path}: captions of split '{split}' refer to images that were not read")
     image, text = cat["img"][img_order], cat["txt"][txt_order]
     image_gallery, text_gallery = module.gallery_features(image), module.gallery_features(text)
+    prefixes = {bits: (module.gallery_features(image, bits).numpy(), module.gallery_features(text, bits).numpy())
+                for bits in module.prefixes}
     n, m = len(img_order), len(txt_order)
     timing = {"device": str(device), "batch_size": bs, "threads": torch.get_num_threads(),
               "image_seconds": t_img, "text_seconds": t_txt, "images": n, "texts": m,
               "captions_per_batch": m / max(1, len(parts["img"]))}
     return EncodedSplit(image.numpy(), text.numpy(), image_gallery.numpy(), text_gallery.numpy(),
                         caption_image.numpy(), (cat["labels"][img_order] != 0).numpy().astype(np.uint8),
-                        img_ids.numpy(), cat["text_ids"][txt_order].numpy(), timing)
+                        img_ids.numpy(), cat["text_ids"][txt_order].numpy(), timing, prefixes)

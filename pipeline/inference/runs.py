@@ -45,7 +45,10 @@ class Run:
 
     @property
     def representation(self) -> str:
-        return f"{self.dim}-bit codes" if self.family == "hash" else f"{self.dim}-d fp32"
+        if self.family != "hash":
+            return f"{self.dim}-d fp32"
+        prefixes = self.module.prefixes
+        return f"{self.dim}-bit codes" + (f", nested {'/'.join(map(str, prefixes))}" if prefixes else "")
 
     def test_metrics(self) -> dict | None:
         path = self.path / "test_metrics.json"

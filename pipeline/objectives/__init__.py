@@ -4,5 +4,9 @@ embeddings or codes (and ids / labels as tensors) and returns a scalar; under DD
 
     distributed.py   gather with / without gradients
     contrastive.py   fine-grained, global: InfoNCE, VSE++ hardest negative
-    hashing.py       hashing: UCCH memory-bank contrast and ranking loss, label similarity
+    ucch.py          hashing, unsupervised: UCCH's memory-bank contrast and ranking loss
+    supervised.py    hashing from labels: DCMH's pairwise likelihood, UCCH's optional label term
+    instance.py      hashing for instance retrieval: contrast on the codes, distillation from a teacher
+    binary.py        terms on relaxed codes: quantisation to binary targets, bit balance
+    nested.py        nested codes: a loss on every prefix
 """

@@ -1,16 +1,29 @@
 """A config's LightningModule: encoders and heads built from the config and injected."""
 from __future__ import annotations
 
+from pipeline.evaluation.protocol import metric_names
 from pipeline.models.encoders import build_image_encoder, build_text_encoder
 from pipeline.training.aligner import FineGrainedAligner
 from pipeline.training.backbone import resolve_init
-from pipeline.training.hasher import CrossModalHasher
+from pipeline.training.hasher_instance import InstanceHasher
+from pipeline.training.hasher_supervised import SupervisedHasher
+from pipeline.training.hasher_ucch import CrossModalHasher
 from pipeline.training.module import RetrievalModule
+
+HASHERS = {"ucch": CrossModalHasher, "supervised": SupervisedHasher, "instance": InstanceHasher}
 
 
 def module_class(cfg) -> type[RetrievalModule]:
     """The LightningModule class of the config's model family (its class attributes say what it logs)."""
-    return FineGrainedAligner if cfg.model.kind == "fine_grained" else CrossModalHasher
+    return FineGrainedAligner if cfg.model.kind == "fine_grained" else HASHERS[cfg.hash.objective]
+
+
+def logged_metric_names(cfg) -> list[str]:
+    """The protocol names a run of this config logs at validation and test (without the stage): those
+    of the model, and for nested codes the same under `<L>bit/` for every prefix."""
+    names = metric_names(module_class(cfg).ks)
+    prefixes = cfg.hash.prefixes if cfg.model.kind == "hash" else []
+    return names + [f"{bits}bit/{name}" for bits in prefixes for name in names]
 
 
 def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int = 0,
@@ -24,7 +37,13 @@ def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int =
         a = cfg.align
         return FineGrainedAligner(image_encoder, text_encoder, optim, cfg.model.embed_dim, cfg.model.head_hidden,
                                   a.loss, a.init_temperature, a.max_logit_scale, a.margin)
-    h = cfg.hash
-    return CrossModalHasher(image_encoder, text_encoder, optim, cfg.model.bits, cfg.model.head_hidden,
-                            num_train_items, h.alpha, h.tau, h.momentum, h.num_negatives, h.margin, h.shift,
-                            h.warmup_epochs, h.label_weight, h.label_scale, cfg.run.seed)
+    h, codes = cfg.hash, (image_encoder, text_encoder, optim, cfg.model.bits, cfg.model.head_hidden)
+    prefixes = list(h.prefixes)
+    if h.objective == "supervised":
+        s = h.supervised
+        return SupervisedHasher(*codes, s.scale, s.quant_weight, s.balance_weight, prefixes=prefixes)
+    if h.objective == "instance":
+        i = h.instance
+        return InstanceHasher(*codes, i.scale, i.quant_weight, i.distill_weight, i.teacher_scale, prefixes=prefixes)
+    return CrossModalHasher(*codes, num_train_items, h.alpha, h.tau, h.momentum, h.num_negatives, h.margin,
+                            h.shift, h.warmup_epochs, h.label_weight, h.label_scale, cfg.run.seed, prefixes=prefixes)

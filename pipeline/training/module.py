@@ -18,10 +18,13 @@ class RetrievalModule(L.LightningModule):
 
     Subclasses define the heads (`image_head`, `text_head`), `objective` and `gallery_features`. Every tool
     that uses a trained model (encoding, report, hybrid) goes through `encode_images` / `encode_texts` and
-    `gallery_features`, so a new family plugs in by defining them."""
+    `gallery_features`, so a new family plugs in by defining them. A model with nested codes lists their
+    lengths in `prefixes`; `gallery_features(x, bits=L)` then gives the first L bits' packed codes."""
 
     measure = "cosine"
     ks: tuple[int, ...] = (1, 5, 10)
+    monitor = "val/rsum"  # the validation metric that picks best.ckpt unless run.monitor says otherwise
+    prefixes: tuple[int, ...] = ()  # nested codes: leading bit counts usable alone, gallery_features(x, bits=L)
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optim: dict):
         super().__init__()
