@@ -352,7 +352,9 @@ def render_markdown(runs, tables: dict, paths: dict, info: dict, opt: Options) -
                   "(`time vs fine grained` = 100) is the faster of two exhaustive fp32 searches: `topk_search` "
                   "(tie rule) and a plain blocked matmul + `torch.topk`. Large galleries: the "
                   "test split plus distractors drawn with the models' own statistics (`pipeline/comparison/galleries.py`). "
-                  "Screeners: hashing runs as trained, `distilled-B` = a B-bit hash head trained on the "
+                  "Screeners: hashing runs as trained (a nested run also by each prefix, `NAME@L`, and in two "
+                  "levels, `NAME@16>64`: the top 10 x K by 16 bits, then the top K of those by 64), "
+                  "`distilled-B` = a B-bit hash head trained on the "
                   "fine-grained model's frozen embeddings with an instance-level contrastive + distillation loss, "
                   "`simhash-B` = random hyperplanes on the same embeddings (no training).", ""]
         lines.append(format_rows(hybrid))

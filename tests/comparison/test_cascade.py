@@ -79,3 +79,29 @@ def test_hybrid_screens_with_a_nested_runs_prefixes_and_cascade():
         assert row["screen_ms"] is not None and row["candidate_recall"] is not None
         if K == 300:  # the whole gallery re-ranked: the fine-grained ranking itself
             assert row["R@10"] == pytest.approx(exhaustive[direction]["R@10"]), (direction, screener)
+
+
+def test_hybrid_and_report_take_every_hashing_family(tiny_runs, tiny_hash_runs, tmp_path):
+    """The hybrid tool screens with the supervised, instance-level and nested runs (the nested one also by its
+    prefixes and the cascade); the report's quality rows of a nested run's prefixes are its own figures."""
+    import json
+
+    from pipeline.comparison import hybrid
+    from pipeline.comparison.report import quality_row
+    from pipeline.inference.encoding import encode_split
+    from pipeline.inference.runs import load_run
+
+    runs = [str(tiny_hash_runs[c]) for c in ("hash_supervised_64bit", "hash_instance_64bit", "hash_nested")]
+    rc = hybrid.main(["--fine-grained", str(tiny_runs["fine_grained"]), "--hash", *runs, "--gallery", "300",
+                      "--K", "1,10", "--queries", "8", "--repeats", "1", "--distill-bits", "0", "--simhash-bits", "0",
+                      "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    screeners = {r["screener"] for r in json.loads((tmp_path / "hybrid.json").read_text()) if r["method"] == "hybrid"}
+    assert screeners == {"hash_supervised_64bit", "hash_instance_64bit", "hash_nested", "hash_nested@16",
+                         "hash_nested@32", "hash_nested@64", "hash_nested@16>64"}
+    nested = load_run(tiny_hash_runs["hash_nested"])
+    enc = encode_split(nested, progress=False)
+    for bits in (16, 64, None):
+        row = quality_row(nested, enc, bits)
+        assert row["model"] == ("hash_nested" if bits is None else f"hash_nested@{bits}")
+        assert row["max_abs_diff_vs_test_metrics"] <= 1e-9
