@@ -3,6 +3,7 @@ holds it in `Config` and runs `hash_checks` with its other start-up checks.
 
     hash.objective    ucch | supervised | instance: the loss on the relaxed codes
     hash.prefixes     nested codes: shorter lengths trained and evaluated as codes of their own
+    hash.binary_weight  the share of the objective scored on the binary codes themselves
     hash.*            UCCH's settings (and its optional label term)
     hash.supervised.* DCMH's term weights          hash.instance.* the instance objective's
 """
@@ -41,6 +42,8 @@ class HashConfig:
 
     objective: str = "ucch"  # ucch | supervised | instance
     prefixes: list[int] = field(default_factory=list)  # e.g. [16, 32, 64] of a 128-bit code: each a code too
+    binary_weight: float = 0.0  # share of the objective on straight-through binary codes (sign forward)
+    binarise_over: float = 0.0  # fraction of training over which binary_weight and quant weights grow from 0
     alpha: float = 0.7  # weight of the contrastive (memory-bank) loss vs the cross-modal ranking loss
     tau: float = 0.9  # temperature of the contrastive loss
     momentum: float = 0.4  # delta of the memory-bank update
@@ -62,6 +65,8 @@ def hash_checks(h, bits: int) -> list[tuple[bool, str, str]]:
         (h.objective in OBJECTIVES, "hash.objective", f"is {h.objective!r}; allowed: {', '.join(OBJECTIVES)}"),
         (all(p % 8 == 0 and 0 < p < bits for p in prefixes) and len(set(prefixes)) == len(prefixes),
          "hash.prefixes", f"is {prefixes}: distinct multiples of 8 below model.bits ({bits}), e.g. [16, 32, 64]"),
+        (0.0 <= h.binary_weight <= 1.0, "hash.binary_weight", "must be in [0, 1]"),
+        (0.0 <= h.binarise_over <= 1.0, "hash.binarise_over", "must be in [0, 1] (a fraction of training)"),
         (0.0 <= h.alpha <= 1.0, "hash.alpha", "must be in [0, 1]"),
         (h.tau > 0, "hash.tau", "must be positive"),
         (0.0 <= h.momentum < 1.0, "hash.momentum", "must be in [0, 1)"),

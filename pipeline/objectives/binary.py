@@ -1,6 +1,7 @@
 """Terms that make relaxed (tanh) codes good binary codes once sign() is taken: quantisation pulls each
 code towards its binary target, bit balance keeps every bit split about evenly over the items (a bit
-that is +1 for everything tells nothing apart)."""
+that is +1 for everything tells nothing apart), and the straight-through codes on which an objective can
+score exactly the binary codes retrieval will compare."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +30,10 @@ def bit_balance(h: torch.Tensor) -> torch.Tensor:
     items; 1 when a bit is the same for all."""
     h_all, _ = gather_with_grad(h)
     return (h_all.mean(0) ** 2).mean()
+
+
+def straight_through(h: torch.Tensor) -> torch.Tensor:
+    """The binary codes sign(h) (sign(0) = +1) in the forward pass, with the gradient of h in the backward
+    pass (the straight-through estimator): an objective on these scores the codes retrieval compares,
+    while its gradient still reaches the relaxed codes."""
+    return h + (torch.where(h >= 0, 1.0, -1.0).to(h.dtype) - h).detach()

@@ -38,12 +38,12 @@ def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int =
         return FineGrainedAligner(image_encoder, text_encoder, optim, cfg.model.embed_dim, cfg.model.head_hidden,
                                   a.loss, a.init_temperature, a.max_logit_scale, a.margin)
     h, codes = cfg.hash, (image_encoder, text_encoder, optim, cfg.model.bits, cfg.model.head_hidden)
-    prefixes = list(h.prefixes)
+    shared = {"prefixes": list(h.prefixes), "binary_weight": h.binary_weight, "binarise_over": h.binarise_over}
     if h.objective == "supervised":
         s = h.supervised
-        return SupervisedHasher(*codes, s.scale, s.quant_weight, s.balance_weight, prefixes=prefixes)
+        return SupervisedHasher(*codes, s.scale, s.quant_weight, s.balance_weight, **shared)
     if h.objective == "instance":
         i = h.instance
-        return InstanceHasher(*codes, i.scale, i.quant_weight, i.distill_weight, i.teacher_scale, prefixes=prefixes)
+        return InstanceHasher(*codes, i.scale, i.quant_weight, i.distill_weight, i.teacher_scale, **shared)
     return CrossModalHasher(*codes, num_train_items, h.alpha, h.tau, h.momentum, h.num_negatives, h.margin,
-                            h.shift, h.warmup_epochs, h.label_weight, h.label_scale, cfg.run.seed, prefixes=prefixes)
+                            h.shift, h.warmup_epochs, h.label_weight, h.label_scale, cfg.run.seed, **shared)

@@ -19,8 +19,10 @@ class InstanceHasher(Hasher):
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optim: dict, bits: int, head_hidden: int,
                  scale: float = 12.0, quant_weight: float = 0.1, distill_weight: float = 1.0,
-                 teacher_scale: float = 20.0, prefixes: Sequence[int] = ()):
-        super().__init__(image_encoder, text_encoder, optim, bits, head_hidden, prefixes)
+                 teacher_scale: float = 20.0, prefixes: Sequence[int] = (), binary_weight: float = 0.0,
+                 binarise_over: float = 0.0):
+        super().__init__(image_encoder, text_encoder, optim, bits, head_hidden, prefixes, binary_weight,
+                         binarise_over)
         self.scale, self.quant_weight = scale, quant_weight
         self.distill_weight, self.teacher_scale = distill_weight, teacher_scale
         self.teacher = None  # a FrozenTeacher (not a submodule: never trained, never in the checkpoint)
@@ -31,5 +33,5 @@ class InstanceHasher(Hasher):
         return super().objective(hx, hy, batch)
 
     def code_loss(self, hx: torch.Tensor, hy: torch.Tensor, batch: dict):
-        return instance_loss(hx, hy, batch["image_ids"], self.scale, self.quant_weight, batch.get("teacher"),
-                             self.distill_weight, self.teacher_scale)
+        return instance_loss(hx, hy, batch["image_ids"], self.scale, self.quant_weight * self.binarising(),
+                             batch.get("teacher"), self.distill_weight, self.teacher_scale)

@@ -16,9 +16,12 @@ class SupervisedHasher(Hasher):
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optim: dict, bits: int, head_hidden: int,
                  scale: float = 0.5, quant_weight: float = 1.0, balance_weight: float = 1.0,
-                 prefixes: Sequence[int] = ()):
-        super().__init__(image_encoder, text_encoder, optim, bits, head_hidden, prefixes)
+                 prefixes: Sequence[int] = (), binary_weight: float = 0.0,
+                 binarise_over: float = 0.0):
+        super().__init__(image_encoder, text_encoder, optim, bits, head_hidden, prefixes, binary_weight,
+                         binarise_over)
         self.scale, self.quant_weight, self.balance_weight = scale, quant_weight, balance_weight
 
     def code_loss(self, hx, hy, batch):
-        return dcmh_loss(hx, hy, batch["labels"], self.scale, self.quant_weight, self.balance_weight)
+        quant_weight = self.quant_weight * self.binarising()
+        return dcmh_loss(hx, hy, batch["labels"], self.scale, quant_weight, self.balance_weight)

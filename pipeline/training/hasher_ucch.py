@@ -20,8 +20,10 @@ class CrossModalHasher(Hasher):
                  head_hidden: int, num_train_items: int, alpha: float = 0.7, tau: float = 0.9,
                  momentum: float = 0.4, num_negatives: int = 4096, margin: float = 0.2, shift: float = 0.1,
                  warmup_epochs: int = 1, label_weight: float = 0.0, label_scale: float = 5.0, seed: int = 0,
-                 prefixes: Sequence[int] = ()):
-        super().__init__(image_encoder, text_encoder, optim, bits, head_hidden, prefixes)
+                 prefixes: Sequence[int] = (), binary_weight: float = 0.0,
+                 binarise_over: float = 0.0):
+        super().__init__(image_encoder, text_encoder, optim, bits, head_hidden, prefixes, binary_weight,
+                         binarise_over)
         self.bank = MemoryBankContrast(num_train_items, bits, tau, momentum, num_negatives, seed)
         self.alpha, self.margin, self.shift, self.warmup_epochs = alpha, margin, shift, warmup_epochs
         self.label_weight, self.label_scale = label_weight, label_scale

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.objectives.binary import binary_target, bit_balance, quantisation
+from pipeline.objectives.binary import binary_target, bit_balance, quantisation, straight_through
 from pipeline.objectives.instance import distillation, instance_loss
 from pipeline.objectives.nested import nested_loss
 from pipeline.objectives.supervised import dcmh_loss, pairwise_likelihood
@@ -187,3 +187,17 @@ def test_nested_loss_weights_every_length_and_names_its_parts():
     assert torch.allclose(parts["16bit/loss"], each[1])
     with pytest.raises(ValueError, match="code lengths"):
         nested_loss(loss_of, hx, hy, [8, 2 * BITS])
+
+
+def test_straight_through_codes_are_the_signs_forward_and_pass_the_gradient_back():
+    h = torch.tensor([[0.3, -0.2, 0.0, -0.9]], requires_grad=True)
+    codes = straight_through(h)
+    assert codes.tolist() == [[1.0, -1.0, 1.0, -1.0]]
+    (codes * torch.tensor([[1.0, 2.0, 3.0, 4.0]])).sum().backward()
+    assert h.grad.tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    g = torch.Generator().manual_seed(12)
+    img, txt = torch.tanh(torch.randn(12, BITS, generator=g)), torch.tanh(torch.randn(12, BITS, generator=g))
+    new_img, new_txt = _step([img, txt], lambda x, y: instance_loss(straight_through(x), straight_through(y), None,
+                                                                     12.0, 0.1)[0], lr=0.5)
+    agree = (torch.sign(img) == torch.sign(txt)).float().mean(1)  # binary agreement of each pair's codes
+    assert (torch.sign(new_img) == torch.sign(new_txt)).float().mean(1).mean() > agree.mean()
