@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import config_tokens
+from pipeline.config_hash import HashConfig, hash_checks
 
 # configs/ at the top of a checkout; inside the package once installed from a wheel
 CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent /
@@ -65,21 +66,6 @@ class ModelConfig:
     embed_dim: int = 256  # fine-grained embedding size
     bits: int = 64  # hash code length
     head_hidden: int = 512  # hidden width of the hash / embedding MLP heads
-
-
-@dataclass
-class HashConfig:
-    """UCCH (Hu et al., TPAMI 2022); defaults from the paper (docs/methods.md)."""
-
-    alpha: float = 0.7  # weight of the contrastive (memory-bank) loss vs the cross-modal ranking loss
-    tau: float = 0.9  # temperature of the contrastive loss
-    momentum: float = 0.4  # delta of the memory-bank update
-    num_negatives: int = 4096
-    margin: float = 0.2  # m of the ranking loss
-    shift: float = 0.1  # xi: how much easy negatives are shifted down
-    warmup_epochs: int = 1  # in-batch negatives and no momentum while epoch < warmup_epochs
-    label_weight: float = 0.0  # > 0 adds a supervised label-similarity loss (DCMH-style); 0 = pure UCCH
-    label_scale: float = 5.0  # cosine -> logit scale of that loss
 
 
 @dataclass
@@ -288,13 +274,7 @@ def _checks(cfg: DictConfig) -> list[tuple[bool, str, str]]:
          f"must be a positive multiple of 8 (codes are packed into bytes), got {m.bits}"),
         (m.embed_dim > 0, "model.embed_dim", "must be positive"),
         (m.head_hidden > 0, "model.head_hidden", "must be positive"),
-        (0.0 <= h.alpha <= 1.0, "hash.alpha", "must be in [0, 1]"),
-        (h.tau > 0, "hash.tau", "must be positive"),
-        (0.0 <= h.momentum < 1.0, "hash.momentum", "must be in [0, 1)"),
-        (h.num_negatives > 0, "hash.num_negatives", "must be positive"),
-        (h.margin >= 0 and h.shift >= 0, "hash.margin/shift", "must be >= 0"),
-        (h.warmup_epochs >= 0, "hash.warmup_epochs", "must be >= 0"),
-        (h.label_weight >= 0 and h.label_scale > 0, "hash.label_weight/label_scale", "must be >= 0 / positive"),
+        *hash_checks(h, m.bits),
         (a.init_temperature > 0, "align.init_temperature", "must be positive"),
         (a.max_logit_scale >= 1.0 / a.init_temperature, "align.max_logit_scale",
          "must be at least 1 / align.init_temperature (the starting scale)"),

@@ -71,6 +71,18 @@ def tiny_runs(tmp_path_factory, shapes_tiny, shapes_backbone) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_hash_runs(tmp_path_factory, shapes_tiny, shapes_backbone, tiny_runs) -> dict:
+    """One short run of each new hashing config on `shapes_tiny` (config name -> run directory): supervised,
+    instance-level distilled from the tiny fine-grained run, nested 128-bit (logged to W&B offline)."""
+    args = [*tiny_run_args(shapes_backbone), "trainer.max_epochs=2", "data.steps_per_epoch=4"]
+    teacher = f"hash.instance.teacher={tiny_runs['fine_grained']}"
+    configs = {"hash_supervised_64bit": [], "hash_instance_64bit": [teacher, "trainer.log_every_n_steps=2"],
+               "hash_nested": ["logger.wandb=true", "trainer.log_every_n_steps=2"]}
+    return train_together({c: ["--config", f"{c}.yaml", f"data.root={shapes_tiny}", *args, *extra]
+                           for c, extra in configs.items()}, tmp_path_factory.mktemp("tiny_hash_runs"))
+
+
+@pytest.fixture(scope="session")
 def tiny_baselines(tmp_path_factory, shapes_tiny, shapes_backbone, tiny_runs) -> dict:
     """What the tiny runs are judged against: each family untrained (same initialisation, run.train=false),
     and the hashing run trained a second time with the same seed."""

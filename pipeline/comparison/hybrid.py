@@ -45,9 +45,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cli import int_list, progress_bar
+from pipeline.comparison.cascade import PrefixScreen
 from pipeline.comparison.galleries import build_gallery
 from pipeline.comparison.hybrid_table import HYBRID_COLUMNS, format_rows, hybrid_row
-from pipeline.comparison.screeners import fine_grained_screeners
+from pipeline.comparison.screeners import fine_grained_screeners, run_screeners
 from pipeline.comparison.token_hybrid import token_hybrid_rows
 from pipeline.comparison.writers import write_csv
 from pipeline.evaluation.exhaustive import topk_search
@@ -109,11 +110,12 @@ def _prepared(g: torch.Tensor, measure: str, dt) -> bool:
 
 
 def hybrid_search(q_codes, g_codes, q_feats, g_feats, K: int, k: int | None = None,
-                  measure: str = "cosine", num_threads: int | None = None):
+                  measure: str = "cosine", screen=hamming_topk):
     """Hamming top-``K`` screen, then fine-grained re-rank: ``(scores, indices, seconds)`` with
-    ``seconds = {"screen": .., "rerank": ..}``. ``k`` (default ``K``) results per query."""
+    ``seconds = {"screen": .., "rerank": ..}``. ``k`` (default ``K``) results per query. ``screen(q, g, K)``:
+    the screen (default the exhaustive Hamming top-K; a nested run's prefix or cascade: ``cascade.py``)."""
     t0 = time.perf_counter()
-    _, cand = hamming_topk(q_codes, g_codes, K, num_threads=num_threads)
+    _, cand = screen(q_codes, g_codes, K)
     t1 = time.perf_counter()
     scores, idx = rerank(q_feats, g_feats, cand, measure, k)
     return scores, idx, {"screen": t1 - t0, "rerank": time.perf_counter() - t1}
@@ -140,14 +142,16 @@ def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_
     """Rows of :data:`HYBRID_COLUMNS` for both directions.
 
     ``fg``: the fine-grained model's encoded test split (``EncodedSplit``); ``screeners``:
-    name -> either a hashing run's ``EncodedSplit`` (same test split) or an object with
-    ``.codes(feats, side)``. Quality: every test query; time: ``timed_queries`` fixed queries,
+    name -> a hashing run's ``EncodedSplit`` (same test split), an object with ``.codes(feats, side)``,
+    or a ``PrefixScreen`` over a nested run among them (its prefixes, a cascade). Quality: every test query; time: ``timed_queries`` fixed queries,
     median of ``repeats``, every method timed in the same process one after the other."""
     max_k = max(ks)
     run_codes = {}
-    derived = []
+    derived, views = [], {}
     for name, s in screeners.items():
-        if hasattr(s, "codes"):
+        if isinstance(s, PrefixScreen):
+            views[name] = s
+        elif hasattr(s, "codes"):
             derived.append(s)
         else:
             if not np.array_equal(s.image_ids, fg.image_ids) or not np.array_equal(s.text_ids, fg.text_ids):
@@ -174,17 +178,21 @@ def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_
         # quality: every query. The fine-grained exhaustive ranking is the reference.
         _, fg_idx = topk_search(q, gal.feats, max_k, "cosine")
         fg_r = recall_at(first_hit_ranks(fg_idx.numpy(), gal.owner, q_owner), ks)
-        quality, cand = {}, {}
-        for name in gal.codes:
+        # name -> (query codes, gallery codes, screen); a nested run's views screen with its full codes
+        screens = {n: (q_codes[n], gal.codes[n], hamming_topk) for n in gal.codes}
+        screens.update({n: (q_codes[v.base], gal.codes[v.base], v.topk) for n, v in views.items()})
+        quality = {}
+        for name, (qc, gc, screen) in screens.items():
             Kmax = min(max(max(Ks), max_k), G)
-            _, c = hamming_topk(q_codes[name], gal.codes[name], Kmax)
-            cand[name] = c.numpy()
-            h_ranks = first_hit_ranks(cand[name], gal.owner, q_owner)
+            cand = screen(qc, gc, Kmax)[1].numpy()
+            h_ranks = first_hit_ranks(cand, gal.owner, q_owner)
             quality[(name, None)] = (recall_at(h_ranks, ks), 100.0 * float(np.mean(h_ranks < max_k)))
             for K in sorted({min(k, G) for k in Ks}):
-                _, idx = rerank(q, gal.feats, cand[name][:, :K], "cosine", max_k)
+                # a plain screen's top K is the head of its top Kmax; a cascade's is screened afresh
+                cand_k = cand[:, :K] if screen is hamming_topk else screen(qc, gc, K)[1].numpy()
+                _, idx = rerank(q, gal.feats, cand_k, "cosine", max_k)
                 quality[(name, K)] = (recall_at(first_hit_ranks(idx.numpy(), gal.owner, q_owner), ks),
-                                      100.0 * float(np.mean(h_ranks < K)))
+                                      100.0 * float(np.mean(first_hit_ranks(cand_k, gal.owner, q_owner) < K)))
             bar.update(1)
 
         # time: a fixed query sample, every method once per round, rounds repeated (medians), so that
@@ -192,11 +200,12 @@ def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_
         qt = q[timed]
         jobs = {("fg", "topk_search"): lambda: topk_search(qt, gal.feats, max_k, "cosine"),
                 ("fg", "mm+topk"): lambda: dense_topk(qt, gal.feats, max_k)}
-        for name in gal.codes:
-            qc, gc = q_codes[name][timed], gal.codes[name]
-            jobs[(name, None)] = lambda qc=qc, gc=gc: hamming_topk(qc, gc, max_k)
+        for name, (qc, gc, screen) in screens.items():
+            qc = qc[timed]
+            jobs[(name, None)] = lambda qc=qc, gc=gc, screen=screen: screen(qc, gc, max_k)
             for K in sorted({min(k, G) for k in Ks}):
-                jobs[(name, K)] = lambda qc=qc, gc=gc, K=K: hybrid_search(qc, gc, qt, gal.feats, K, max_k)[2]
+                jobs[(name, K)] = lambda qc=qc, gc=gc, K=K, screen=screen: hybrid_search(
+                    qc, gc, qt, gal.feats, K, max_k, screen=screen)[2]
         times: dict = {key: [] for key in jobs}
         for _ in range(repeats):
             for key, fn in jobs.items():
@@ -213,7 +222,7 @@ def run_hybrid(fg, screeners: dict, gallery_size: int, Ks: Sequence[int], timed_
                          None, fg_r, ref, len(timed)))
         rows.append(hybrid_row(direction, label, "fine-grained exhaustive", "mm+topk", G, fg_r, 100.0, fg_mm, None,
                          None, fg_r, ref, len(timed)))
-        for name in gal.codes:
+        for name in screens:
             r, cr = quality[(name, None)]
             t = ms[(name, None)]
             rows.append(hybrid_row(direction, label, "hash only", name, max_k, r, cr, t["screen"], t["screen"], 0.0,
@@ -275,7 +284,8 @@ def main(argv=None) -> int:
             run = load_run(path)
             if run.family != "hash":
                 raise RunError(f"{path}: --hash needs a hashing run")
-            screeners[run.name] = encode_split(run, "test", device=args.device, progress=progress)
+            screeners.update(run_screeners(run.name, encode_split(run, "test", device=args.device, progress=progress),
+                                           run.module.prefixes))
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -50,14 +50,14 @@ from pipeline.comparison import plots
 from pipeline.comparison.hybrid import HYBRID_COLUMNS, format_rows, run_hybrid
 from pipeline.comparison.measure import machine_info
 from pipeline.comparison.query_time import QUERY_COLUMNS, query_time_rows
-from pipeline.comparison.screeners import fine_grained_screeners
+from pipeline.comparison.screeners import fine_grained_screeners, run_screeners
 from pipeline.comparison.token_costs import TOKEN_QUERY_NOTE, token_storage_rows, with_token_rows
 from pipeline.comparison.token_hybrid import TOKEN_HYBRID_NOTE, token_hybrid_rows
-from pipeline.comparison.writers import csv_value, markdown_table, write_csv
+from pipeline.comparison.report_wandb import log_wandb
+from pipeline.comparison.writers import markdown_table, write_csv
 from pipeline.inference.encoding import EncodedSplit, encode_split
 from pipeline.inference.runs import Run, RunError, load_run
 from pipeline.inference.scoring import split_metrics
-from pipeline.training.trainer import wandb_mode
 
 DEEP_KS = (1, 5, 10, 50, 100, 200)
 MAP_NAMES = ("mAP@10", "mAP@100", "mAP@N")
@@ -74,14 +74,21 @@ STORAGE_COLUMNS = ["model", "storage", "bytes_per_item", "test_gallery_items", "
                    "gallery_1M_5M_GiB"]
 
 
-def quality_row(run: Run, enc: EncodedSplit) -> dict:
+def quality_row(run: Run, enc: EncodedSplit, bits: int | None = None) -> dict:
+    """The run's protocol figures re-computed from its encoded split; with `bits`, those of a nested prefix."""
+    if bits is not None:
+        enc = enc.prefix(bits)
     res = split_metrics(run, enc, DEEP_KS)  # token runs: scored as their test split was (test_scoring.json)
     own = run.test_metrics() or {}
+    if bits is not None:  # the run's own figures for this prefix
+        own = {k.split("/", 1)[1]: v for k, v in own.items() if k.startswith(f"{bits}bit/")}
     # the run's own numbers were computed with its own ks: compare every name both have
     # (rsum is R@1/5/10 of both directions whatever the ks)
     shared = [k for k in own if k in res]
     diff = max((abs(res[k] - own[k]) for k in shared), default=float("nan"))
-    return {"model": run.name, "family": run.family, "representation": run.representation, **res,
+    name, representation = ((run.name, run.representation) if bits is None
+                            else (f"{run.name}@{bits}", f"first {bits} bits of {run.dim}"))
+    return {"model": name, "family": run.family, "representation": representation, **res,
             "max_abs_diff_vs_test_metrics": diff}
 
 
@@ -104,32 +111,11 @@ def storage_rows(run: Run, enc: EncodedSplit) -> list[dict]:
     if run.family == "hash":
         bits = run.dim
         kinds = [(f"packed codes, {bits} bits (ours)", bits // 8), ("one int8 per bit (paper's count)", bits)]
+        kinds += [(f"packed codes, first {p} bits (nested prefix)", p // 8) for p in run.module.prefixes]
     else:
         kinds = [(f"{run.dim}-d float32", run.dim * 4)]
     return [{"model": run.name, "storage": name, "bytes_per_item": b, "test_gallery_items": n,
              "test_gallery_MiB": n * b / 2**20, "gallery_1M_5M_GiB": scaled * b / 2**30} for name, b in kinds]
-
-
-def log_wandb(runs: list[Run], out: Path, tables: dict, images: dict, info: dict, mode: str | None) -> str | None:
-    """One W&B run holding every table and plot; returns its directory (None when W&B is missing)."""
-    try:
-        import wandb
-    except ImportError:
-        return None
-    cfg = runs[0].cfg
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(out), job_type="report",
-                     mode=mode or wandb_mode(cfg.logger.mode), name=f"report-{'-'.join(r.name for r in runs)}"[:120],
-                     config={"runs": [str(r.path) for r in runs], **info}, reinit="finish_previous")
-    for name, (columns, rows) in tables.items():
-        run.log({f"report/{name}": wandb.Table(columns=list(columns),
-                                               data=[[csv_value(r.get(c)) for c in columns] for r in rows])})
-    for name, path in images.items():
-        run.log({f"report/{name}": wandb.Image(str(path))})
-    run.summary.update({f"report/{q['model']}/rsum": q["rsum"] for q in tables["quality"][1]})
-    directory = run.dir
-    run.finish()
-    wandb.teardown()  # stops the W&B service and clears WANDB_SERVICE, which a train.py started later would
-    return directory  # inherit and attach to (a resumed run's id is then "in use" there)
 
 
 @dataclass
@@ -235,7 +221,7 @@ def build_report(args) -> dict:
             r.name = r.path.name
     encoded = [encode_split(r, "test", device=device, batch_size=args.batch_size, progress=progress) for r in runs]
 
-    quality = [quality_row(r, e) for r, e in zip(runs, encoded)]
+    quality = [quality_row(r, e, bits) for r, e in zip(runs, encoded) for bits in (*r.module.prefixes, None)]
     encoding = [row for r, e in zip(runs, encoded) for row in encoding_rows(r, e)]
     storage = [row for r, e in zip(runs, encoded) for row in storage_rows(r, e)]
 
@@ -285,11 +271,13 @@ def _has_faiss() -> bool:
 
 def hybrid_section(runs, encoded, opt: Options, device, out: Path, progress: bool, seed: int) -> list[dict]:
     fgs = [(r, e) for r, e in zip(runs, encoded) if r.family == "fine_grained"]
-    hashes = {r.name: e for r, e in zip(runs, encoded) if r.family == "hash"}
+    hashes = [(r, e) for r, e in zip(runs, encoded) if r.family == "hash"]
     rows = []
     for fg_run, fg in fgs:
-        screeners = {n: e for n, e in hashes.items()
-                     if np.array_equal(e.image_ids, fg.image_ids) and np.array_equal(e.text_ids, fg.text_ids)}
+        screeners = {}
+        for r, e in hashes:  # every hashing run of the same test split screens, a nested one also by its prefixes
+            if np.array_equal(e.image_ids, fg.image_ids) and np.array_equal(e.text_ids, fg.text_ids):
+                screeners.update(run_screeners(r.name, e, r.module.prefixes))
         screeners.update(fine_grained_screeners(fg_run, fg, opt.distill_bits, opt.simhash_bits, opt.distill_steps,
                                                 device, out / "distilled", progress, seed))
         if fg.has_tokens:  # token re-ranking, on the test split (token sets have no distractors)
@@ -359,7 +347,9 @@ def render_markdown(runs, tables: dict, paths: dict, info: dict, opt: Options) -
                   "(`time vs fine grained` = 100) is the faster of two exhaustive fp32 searches: `topk_search` "
                   "(tie rule) and a plain blocked matmul + `torch.topk`. Large galleries: the "
                   "test split plus distractors drawn with the models' own statistics (`pipeline/comparison/galleries.py`). "
-                  "Screeners: hashing runs as trained, `distilled-B` = a B-bit hash head trained on the "
+                  "Screeners: hashing runs as trained (a nested run also by each prefix, `NAME@L`, and in two "
+                  "levels, `NAME@16>64`: the top 10 x K by 16 bits, then the top K of those by 64), "
+                  "`distilled-B` = a B-bit hash head trained on the "
                   "fine-grained model's frozen embeddings with an instance-level contrastive + distillation loss, "
                   "`simhash-B` = random hyperplanes on the same embeddings (no training).", ""]
         lines += [TOKEN_HYBRID_NOTE, ""] if any(r.tokens for r in runs) else []

@@ -1,6 +1,7 @@
-"""Screeners made from a fine-grained model's embeddings, for hybrid retrieval: a distilled hash head
-(trained on the frozen embeddings with an instance-level contrastive + distillation + quantisation
-loss) and SimHash (random hyperplanes, no training)."""
+"""Screeners for hybrid retrieval: a trained hashing run (every family; a nested run also by its prefixes
+and a cascade), and two made from a fine-grained model's embeddings: a distilled hash head (trained on the
+frozen embeddings with the instance-level hashing objective: contrast + distillation + quantisation) and
+SimHash (random hyperplanes, no training)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.cli import progress_bar
+from pipeline.comparison.cascade import nested_screens
 from pipeline.evaluation.scores import as_tensor, pack_codes
 from pipeline.inference.encoding import encode_split
 from pipeline.models.heads import HashHead, binarize
-from pipeline.objectives.contrastive import info_nce
+from pipeline.objectives.instance import instance_loss
 
 
 class DistilledHasher(nn.Module):
@@ -91,17 +93,8 @@ def _distill(image_feats, text_feats, caption_image, bits, steps, batch_size, lr
         ids = cap[c]
         fi, ft = img[ids], txt[c]
         hi, ht = model(fi, "image"), model(ft, "text")
-        zi, zt = F.normalize(hi, dim=1), F.normalize(ht, dim=1)
-        loss = info_nce(zi, zt, torch.tensor(code_scale), ids)
-        if distill_weight:
-            teacher = teacher_scale * fi @ ft.T
-            student = code_scale * zi @ zt.T
-            kl = (F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True,
-                           reduction="batchmean")
-                  + F.kl_div(F.log_softmax(student.T, 1), F.log_softmax(teacher.T, 1), log_target=True,
-                             reduction="batchmean"))
-            loss = loss + distill_weight * kl / 2
-        loss = loss + quant_weight * ((hi.abs() - 1) ** 2 + (ht.abs() - 1) ** 2).mean()
+        # the instance-level hashing objective (hash.objective=instance), the embeddings as the teacher
+        loss, _ = instance_loss(hi, ht, ids, code_scale, quant_weight, (fi, ft), distill_weight, teacher_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -148,3 +141,9 @@ def fine_grained_screeners(fg_run, fg_test, distill_bits, simhash_bits, steps: i
         s = SimHash(fg_test.image.shape[1], bits, seed)
         screeners[s.name] = s
     return screeners
+
+
+def run_screeners(name: str, split, prefixes=()) -> dict:
+    """A trained hashing run as screeners: its codes (`split`, its encoded test split) and, for nested codes,
+    each prefix alone and the two-level cascade (`cascade.nested_screens`)."""
+    return {name: split, **nested_screens(name, prefixes)}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.comparison.cascade import PrefixScreen
 from pipeline.comparison.hybrid_table import hybrid_row
 from pipeline.evaluation.hamming import hamming_topk
 from pipeline.evaluation.protocol import evaluate_blocks, feature_blocks
@@ -58,7 +59,8 @@ def _screen_inputs(screener, enc: EncodedSplit):
 def token_hybrid_rows(run: Run, enc: EncodedSplit, screeners: dict, Ks: Sequence[int], timed_queries: int = 100,
                       repeats: int = 3, seed: int = 0, ks: Sequence[int] = (1, 5, 10)) -> list[dict]:
     """Rows of the hybrid table (`hybrid.HYBRID_COLUMNS`) for both directions. `screeners`: name -> a
-    hashing run's EncodedSplit of the same test split, or a screener with `.codes(feats, side)`."""
+    hashing run's EncodedSplit of the same test split, a nested run's PrefixScreen (its prefixes screen, its
+    two-level cascade is left out: it ranks no more than a top K), or a screener with `.codes(feats, side)`."""
     for name, s in screeners.items():
         if isinstance(s, EncodedSplit) and not (np.array_equal(s.image_ids, enc.image_ids)
                                                 and np.array_equal(s.text_ids, enc.text_ids)):
@@ -72,7 +74,12 @@ def token_hybrid_rows(run: Run, enc: EncodedSplit, screeners: dict, Ks: Sequence
 
     full = grid(img.tokens, img.mask, txt.tokens, txt.mask).float()
     exhaustive = evaluate_blocks(lambda a, b: full[a:b], lambda a, b: full[:, a:b].T.contiguous(), n, cap, ks=ks)
-    screen_list = {"global": "global", **screeners}
+    screen_list = {"global": "global"}
+    for name, s in screeners.items():  # a nested run's prefix scores every pair alone; its cascade does not
+        if not isinstance(s, PrefixScreen):
+            screen_list[name] = s
+        elif s.then is None:
+            screen_list[name] = screeners[s.base].prefix(s.bits)
     rng = np.random.default_rng(seed + 1)
     rows = []
     for direction, (nq, ng) in (("i2t", (n, m)), ("t2i", (m, n))):

@@ -25,6 +25,10 @@ class RetrievalMetrics(Metric):
     captions by id, so the result does not depend on which rank saw what or in
     which order, maps captions to images by id (a caption whose image was never
     seen raises ``ValueError``), and returns :func:`evaluate`'s dict.
+
+    ``code_prefixes`` (hamming only; multiples of 8): leading bit counts of the codes evaluated as
+    codes of their own (nested codes), on the packed prefix: the first L bits of an MSB-first packed
+    code are its first L / 8 bytes. Their results come as ``<L>bit/<name>``.
     """
 
     is_differentiable = False
@@ -37,9 +41,12 @@ class RetrievalMetrics(Metric):
 
     def __init__(self, measure: str = "cosine", ks: Sequence[int] = (1, 5, 10),
                  map_ks: Sequence[int | None] = (10, 100, None), chunk_size: int | None = None,
-                 **kwargs):
+                 code_prefixes: Sequence[int] = (), **kwargs):
         super().__init__(**kwargs)
         self.measure, self.ks, self.map_ks, self.chunk_size = measure, tuple(ks), tuple(map_ks), chunk_size
+        if code_prefixes and (measure != "hamming" or any(p <= 0 or p % 8 for p in code_prefixes)):
+            raise ValueError(f"code_prefixes {tuple(code_prefixes)} need hamming codes and multiples of 8 bits")
+        self.code_prefixes = tuple(code_prefixes)
         for name in self._STATES:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -131,8 +138,15 @@ class RetrievalMetrics(Metric):
 
     def compute(self) -> dict[str, float]:
         img_keep, txt_keep, caption_image, labels = self._aligned()
-        return evaluate(_cat(self.image_feats)[img_keep], _cat(self.text_feats)[txt_keep], caption_image,
-                        labels, measure=self.measure, ks=self.ks, map_ks=self.map_ks,
+        image, text = _cat(self.image_feats)[img_keep], _cat(self.text_feats)[txt_keep]
+        results = self._evaluate(image, text, caption_image, labels)
+        for bits in self.code_prefixes:
+            prefix = self._evaluate(image[:, :bits // 8], text[:, :bits // 8], caption_image, labels)
+            results.update({f"{bits}bit/{name}": value for name, value in prefix.items()})
+        return results
+
+    def _evaluate(self, image, text, caption_image, labels) -> dict[str, float]:
+        return evaluate(image, text, caption_image, labels, measure=self.measure, ks=self.ks, map_ks=self.map_ks,
                         chunk_size=self.chunk_size)
 
 

@@ -13,7 +13,7 @@ per item): data loading, decoding and tokenisation are excluded, the first batch
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ class EncodedSplit:
     image_ids: np.ndarray
     text_ids: np.ndarray
     timing: dict = field(default_factory=dict)
+    # nested codes: bits -> (image, text) packed codes of that prefix (the module's gallery_features(x, bits))
+    prefix_galleries: dict = field(default_factory=dict)
     # token-level runs only (None otherwise): what the run's token_scorer compares, padded to the split's
     # longest token set; `image_gallery` / `text_gallery` are then the global embeddings that screen
     image_tokens: np.ndarray | None = None  # [N, R, D]
@@ -53,6 +55,15 @@ class EncodedSplit:
         """(images, captions) as the token scorer takes them (CPU tensors sharing the arrays' memory)."""
         return (TokenSet(torch.from_numpy(self.image_tokens), torch.from_numpy(self.image_mask)),
                 TokenSet(torch.from_numpy(self.text_tokens), torch.from_numpy(self.text_mask)))
+
+    def prefix(self, bits: int) -> "EncodedSplit":
+        """The split as the model's first `bits` bits see it (a nested code's prefix): its packed codes and
+        the first `bits` of the continuous outputs."""
+        if bits not in self.prefix_galleries:
+            raise ValueError(f"no {bits}-bit prefix: this model's prefixes are {sorted(self.prefix_galleries)}")
+        image_gallery, text_gallery = self.prefix_galleries[bits]
+        return replace(self, image=self.image[:, :bits], text=self.text[:, :bits], image_gallery=image_gallery,
+                       text_gallery=text_gallery, prefix_galleries={})
 
     @property
     def num_images(self) -> int:
@@ -139,13 +150,15 @@ def encode_split(run: Run, split: str = "test", device="cpu", batch_size: int | 
         raise RunError(f"{run.path}: captions of split '{split}' refer to images that were not read")
     image, text = cat["img"][img_order], cat["txt"][txt_order]
     image_gallery, text_gallery = module.gallery_features(image), module.gallery_features(text)
+    prefixes = {bits: (module.gallery_features(image, bits).numpy(), module.gallery_features(text, bits).numpy())
+                for bits in module.prefixes}
     n, m = len(img_order), len(txt_order)
     timing = {"device": str(device), "batch_size": bs, "threads": torch.get_num_threads(),
               "image_seconds": t_img, "text_seconds": t_txt, "images": n, "texts": m,
               "captions_per_batch": m / max(1, len(parts["img"]))}
     enc = EncodedSplit(image.numpy(), text.numpy(), image_gallery.numpy(), text_gallery.numpy(),
                        caption_image.numpy(), (cat["labels"][img_order] != 0).numpy().astype(np.uint8),
-                       img_ids.numpy(), cat["text_ids"][txt_order].numpy(), timing)
+                       img_ids.numpy(), cat["text_ids"][txt_order].numpy(), timing, prefix_galleries=prefixes)
     if tokens["img"] is not None:
         img_set, txt_set = tokens["img"][img_order], tokens["txt"][txt_order].trimmed()
         enc.image_tokens, enc.image_mask = img_set.tokens.float().numpy(), img_set.mask.numpy()

@@ -64,7 +64,10 @@ class Run:
         if self.tokens:
             return (f"{self.cfg.tokens.dim}-d fp32 token sets ({self.cfg.tokens.scorer}) + {self.dim}-d fp32 "
                     f"screen")
-        return f"{self.dim}-bit codes" if self.family == "hash" else f"{self.dim}-d fp32"
+        if self.family != "hash":
+            return f"{self.dim}-d fp32"
+        prefixes = self.module.prefixes
+        return f"{self.dim}-bit codes" + (f", nested {'/'.join(map(str, prefixes))}" if prefixes else "")
 
     @cached_property
     def datamodule(self) -> RetrievalDataModule:

@@ -5,5 +5,9 @@ embeddings or codes (and ids / labels as tensors) and returns a scalar; under DD
     distributed.py   gather with / without gradients
     contrastive.py   fine-grained: InfoNCE, VSE++ hardest negative, on embeddings or on score rows
     tokens.py        token level: token sets gathered (padded), a scorer's rows, the same two losses
-    hashing.py       hashing: UCCH memory-bank contrast and ranking loss, label similarity
+    ucch.py          hashing, unsupervised: UCCH's memory-bank contrast and ranking loss
+    supervised.py    hashing from labels: DCMH's pairwise likelihood, UCCH's optional label term
+    instance.py      hashing for instance retrieval: contrast on the codes, distillation from a teacher
+    binary.py        terms on relaxed codes: quantisation to binary targets, bit balance
+    nested.py        nested codes: a loss on every prefix
 """

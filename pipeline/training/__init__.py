@@ -4,10 +4,14 @@ trained by a Lightning Trainer in a stable run directory, on one CPU, GPUs, or n
     cli.py         train.py / fico-train: the whole run, start-up checks first
     module.py      RetrievalModule: the training step, validation / test by the protocol, the optimiser
     aligner.py     FineGrainedAligner (continuous embeddings)
-    hasher.py      CrossModalHasher (UCCH hashing)
+    hasher.py      Hasher: the hashing family's heads, packed codes, nested prefixes
+    hasher_ucch.py        CrossModalHasher (UCCH, unsupervised)
+    hasher_supervised.py  SupervisedHasher (DCMH, from labels)
+    hasher_instance.py    InstanceHasher (contrastive on the codes, optionally distilled from a teacher)
     token_aligner.py  TokenAligner (token-level fine-grained: late interaction or cross-attention, with the
                    global embedding that screens)
     build.py       a config's LightningModule with its encoders and heads
+    prerequisites.py  what a run needs before it trains: training labels, a distillation teacher
     restore.py     a trained module back from its run folder (plain-data checkpoints only)
     backbone.py    the shapes backbone: pretrained once, cached (python -m pipeline.backbone)
     run_dir.py     the run directory: resume rules, W&B id, the checkpoint monitor

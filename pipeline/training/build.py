@@ -3,20 +3,34 @@ config leaves to the encoders (their image statistics, their own tokenizer)."""
 from __future__ import annotations
 
 from pipeline.config import ConfigError, to_dict
+from pipeline.evaluation.protocol import metric_names
 from pipeline.models import openclip
 from pipeline.models.encoders import build_image_encoder, build_text_encoder, image_statistics
 from pipeline.models.token_scorers import build_token_scorer
 from pipeline.training.aligner import FineGrainedAligner
 from pipeline.training.backbone import resolve_init
-from pipeline.training.hasher import CrossModalHasher
+from pipeline.training.hasher_instance import InstanceHasher
+from pipeline.training.hasher_supervised import SupervisedHasher
+from pipeline.training.hasher_ucch import CrossModalHasher
 from pipeline.training.module import RetrievalModule
 from pipeline.training.token_aligner import TokenAligner
+
+HASHERS = {"ucch": CrossModalHasher, "supervised": SupervisedHasher, "instance": InstanceHasher}
 
 
 def module_class(cfg) -> type[RetrievalModule]:
     """The LightningModule class of the config's model family (its class attributes say what it logs)."""
-    return {"fine_grained": FineGrainedAligner, "fine_grained_tokens": TokenAligner}.get(cfg.model.kind,
-                                                                                        CrossModalHasher)
+    if cfg.model.kind == "hash":
+        return HASHERS[cfg.hash.objective]
+    return {"fine_grained": FineGrainedAligner, "fine_grained_tokens": TokenAligner}[cfg.model.kind]
+
+
+def logged_metric_names(cfg) -> list[str]:
+    """The protocol names a run of this config logs at validation and test (without the stage): those
+    of the model, and for nested codes the same under `<L>bit/` for every prefix."""
+    names = metric_names(module_class(cfg).ks)
+    prefixes = cfg.hash.prefixes if cfg.model.kind == "hash" else []
+    return names + [f"{bits}bit/{name}" for bits in prefixes for name in names]
 
 
 def complete_config(cfg):
@@ -60,7 +74,13 @@ def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int =
         align = {k: cfg.align[k] for k in ("loss", "init_temperature", "max_logit_scale", "margin")}
         return TokenAligner(image_encoder, text_encoder, optim, cfg.model.embed_dim, cfg.model.head_hidden, align,
                             to_dict(cfg.tokens), build_token_scorer(cfg.tokens))
-    h = cfg.hash
-    return CrossModalHasher(image_encoder, text_encoder, optim, cfg.model.bits, cfg.model.head_hidden,
-                            num_train_items, h.alpha, h.tau, h.momentum, h.num_negatives, h.margin, h.shift,
-                            h.warmup_epochs, h.label_weight, h.label_scale, cfg.run.seed)
+    h, codes = cfg.hash, (image_encoder, text_encoder, optim, cfg.model.bits, cfg.model.head_hidden)
+    shared = {"prefixes": list(h.prefixes), "binary_weight": h.binary_weight, "binarise_over": h.binarise_over}
+    if h.objective == "supervised":
+        s = h.supervised
+        return SupervisedHasher(*codes, s.scale, s.quant_weight, s.balance_weight, **shared)
+    if h.objective == "instance":
+        i = h.instance
+        return InstanceHasher(*codes, i.scale, i.quant_weight, i.distill_weight, i.teacher_scale, **shared)
+    return CrossModalHasher(*codes, num_train_items, h.alpha, h.tau, h.momentum, h.num_negatives, h.margin,
+                            h.shift, h.warmup_epochs, h.label_weight, h.label_scale, cfg.run.seed, **shared)

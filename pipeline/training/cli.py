@@ -56,9 +56,9 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from data_prep import atomic_write_bytes
-    from pipeline.evaluation.protocol import metric_names
     from pipeline.evaluation.table import format_table
-    from pipeline.training.build import build_module, module_class
+    from pipeline.training.build import build_module, logged_metric_names
+    from pipeline.training.prerequisites import check_prerequisites
     from pipeline.training.provenance import RecordProvenance
     from pipeline.training.run_dir import (FINISHED, RUN_DIR_ENV, check_resume, choose_monitor, record_resume,
                                            resolve_run_dir, resume_checkpoint)
@@ -68,13 +68,16 @@ def main(argv=None) -> int:
     run_dir = resolve_run_dir(cfg)
     tok = datamodule.tokenizer
     try:  # decided before any work: never continue a different experiment, monitor a metric that exists
-        monitor, note = choose_monitor(cfg, datamodule.card, metric_names(module_class(cfg).ks))
+        monitor, note = choose_monitor(cfg, datamodule.card, logged_metric_names(cfg))
         resume = resume_checkpoint(run_dir) if cfg.run.train else None
         changes = check_resume(run_dir, cfg) if resume else {}
         # weights that do not fit; feature shards need `features` encoders and pixels need real ones
+        teacher = check_prerequisites(cfg, datamodule)  # training labels, a distillation teacher
         L.seed_everything(cfg.run.seed, workers=True, verbose=False)
         model = build_module(cfg, datamodule.card.num_images("train"), len(tok), tok.pad_token_id or 0)
         check_model_inputs(datamodule.card, model)
+        if teacher is not None:
+            model.teacher = teacher
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -102,7 +105,11 @@ def main(argv=None) -> int:
         if model.test_scoring:  # how the scores were made (test_metrics.json holds numbers only)
             (run_dir / "test_scoring.json").write_text(json.dumps(model.test_scoring, indent=2) + "\n")
         (run_dir / FINISHED).write_text(json.dumps(results, indent=2) + "\n")
-        print("\n" + format_table(results, f"{cfg.run.name}: test ({'trained' if cfg.run.train else 'untrained'})"))
+        title = f"{cfg.run.name}: test ({'trained' if cfg.run.train else 'untrained'})"
+        print("\n" + format_table(results, title))
+        for prefix in dict.fromkeys(k.split("/")[0] for k in results if "/" in k):  # nested codes: each prefix
+            print("\n" + format_table({k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(f"{prefix}/")},
+                                      f"{title}, first {prefix}"))
         if model.test_scoring:
             print(f"test scoring: {model.test_scoring['description']}")
         print(f"\nrun directory: {run_dir}")

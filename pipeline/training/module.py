@@ -24,10 +24,13 @@ class RetrievalModule(L.LightningModule):
     `encode_images_with_tokens` / `encode_texts_with_tokens` (the same output and the token set, from one
     forward pass) and sets `token_scorer` (`token_scorer(images, texts)` scores token sets) and
     `test_scoring` (how its test split is scored, written to the run folder); for the other families they
-    are None."""
+    are None. A model with nested codes lists their lengths in `prefixes`; `gallery_features(x, bits=L)`
+    then gives the first L bits' packed codes."""
 
     measure = "cosine"
     ks: tuple[int, ...] = (1, 5, 10)
+    monitor = "val/rsum"  # the validation metric that picks best.ckpt unless run.monitor says otherwise
+    prefixes: tuple[int, ...] = ()  # nested codes: leading bit counts usable alone, gallery_features(x, bits=L)
     # state-dict prefixes only training needs (UCCH's memory bank, sized by the training set): left out
     # of exports and never required to load a trained module for inference
     training_only_state: tuple[str, ...] = ()

@@ -13,6 +13,7 @@ import yaml
 
 from data_prep import tmp_sibling
 from pipeline.config import ConfigError, flat, to_dict
+from pipeline.training.build import module_class
 
 RUN_DIR_ENV = "FICO_RUN_DIR"  # set by rank 0 so that processes Lightning launches use the same folder
 FINISHED = "test_metrics.json"
@@ -118,8 +119,10 @@ def record_resume(run_dir: Path, checkpoint: str, changes: dict[str, tuple]) -> 
 
 def choose_monitor(cfg, card, metric_names: list[str]) -> tuple[str, str | None]:
     """The validation metric that selects best.ckpt, decided before any training from the dataset card:
-    (name, a note to log when it is not what the config asked for). A mAP metric needs labels on the
-    validation split (without them it is absent, or 0 every epoch and "best" stays at epoch 1)."""
+    (name, a note to log when it is not what the config asked for). By default the family's own
+    (`monitor` of its module class: category-level mAP for hashing, R@K's rsum for fine-grained and
+    instance-level hashing). A mAP metric needs labels on the validation split (without them it is
+    absent, or 0 every epoch and "best" stays at epoch 1): then val/rsum."""
     names = [f"val/{n}" for n in metric_names]
     labelled = card.labelled("val")
     if cfg.run.monitor:
@@ -130,9 +133,8 @@ def choose_monitor(cfg, card, metric_names: list[str]) -> tuple[str, str | None]
             raise ConfigError(f"config key 'run.monitor' is {cfg.run.monitor} but the validation split of "
                               f"{card.root} has no labels; monitor val/rsum instead")
         return cfg.run.monitor, None
-    if cfg.model.kind == "hash":
-        if labelled:
-            return "val/i2t_mAP@N", None
+    preferred = module_class(cfg).monitor
+    if "mAP" in preferred and not labelled:
         return "val/rsum", (f"the validation split of {card.root} has no labels: best.ckpt is chosen by val/rsum "
-                            f"(instance-level) instead of val/i2t_mAP@N")
-    return "val/rsum", None
+                            f"(instance-level) instead of {preferred}")
+    return preferred, None

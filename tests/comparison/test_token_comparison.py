@@ -72,14 +72,17 @@ def test_split_metrics_screened_at_full_depth_equals_exhaustive(tiny_token_runs)
     assert split_metrics(run, enc, mode="screened", k=enc.num_texts) == pytest.approx(exhaustive, abs=1e-6)
 
 
-def test_hybrid_command_on_a_token_run(tiny_token_runs, tiny_runs, tmp_path, capsys):
+def test_hybrid_command_on_a_token_run(tiny_token_runs, tiny_runs, tiny_hash_runs, tmp_path, capsys):
     from pipeline.comparison import hybrid
 
     rc = hybrid.main(["--fine-grained", str(tiny_token_runs["fine_grained_tokens"]), "--hash",
-                      str(tiny_runs["hash_64bit"]), "--K", "5,64", "--queries", "8", "--repeats", "1",
-                      "--distill-bits", "0", "--simhash-bits", "0", "--out", str(tmp_path), "--no-progress"])
+                      str(tiny_runs["hash_64bit"]), str(tiny_hash_runs["hash_nested"]), "--K", "5,64",
+                      "--queries", "8", "--repeats", "1", "--distill-bits", "0", "--simhash-bits", "0",
+                      "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     rows = _csv(tmp_path / "hybrid.csv")
+    # a nested run screens by its full codes and each prefix (its two-level cascade ranks a top K only)
     assert {(r["method"], r["screener"]) for r in rows if r["K"] == "5"} == {
-        ("hybrid", "hash_64bit"), ("hybrid", "global embedding (cosine)")}
+        ("hybrid", "hash_64bit"), ("hybrid", "global embedding (cosine)"), ("hybrid", "hash_nested"),
+        ("hybrid", "hash_nested@16"), ("hybrid", "hash_nested@32"), ("hybrid", "hash_nested@64")}
     assert "token exhaustive" in capsys.readouterr().out

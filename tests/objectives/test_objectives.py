@@ -1,4 +1,5 @@
-"""Objectives under 2-process gloo DDP equal one process at the doubled batch (loss and gradients)."""
+"""Objectives under 2-process gloo DDP equal one process at the doubled batch (loss and gradients); each ranks
+aligned pairs below shuffled ones; the UCCH memory bank's updates."""
 import os
 import tempfile
 
@@ -9,8 +10,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pipeline.objectives.contrastive import info_nce, vse_max_violation
-from pipeline.objectives.hashing import MemoryBankContrast, cross_modal_ranking, label_similarity
+from pipeline.objectives.supervised import label_similarity
+from pipeline.objectives.ucch import MemoryBankContrast, cross_modal_ranking
 from pipeline.training.module import check_finite
+from tests.helpers.ddp import assert_equal_results, single_process, two_processes
 from tests.helpers.runs import free_port
 
 B, D_IN, D_OUT, WORLD = 6, 10, 16, 2
@@ -49,33 +52,12 @@ def _make_bank():
     return MemoryBankContrast(num_items=WORLD * B + 5, bits=D_OUT, tau=0.9, momentum=0.4, num_negatives=32, seed=7)
 
 
-def _single(name):
+def _loss_of(name, rows):
+    """The named objective on rows `rows` of the doubled batch, and the parameters whose gradients count."""
     img_head, txt_head = _heads()
     x_img, x_txt, ids = _data()
-    loss = _loss(name, img_head, txt_head, x_img, x_txt, ids, _make_bank())
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in (*img_head.parameters(), *txt_head.parameters())]
-
-
-def _worker(rank, port, names, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    x_img, x_txt, ids = _data()
-    rows = slice(rank * B, (rank + 1) * B)
-    results = {}
-    for name in names:
-        img_head, txt_head = _heads()
-        loss = _loss(name, img_head, txt_head, x_img[rows], x_txt[rows], ids[rows], _make_bank(), rows)
-        loss.backward()
-        grads = [p.grad.clone() for p in (*img_head.parameters(), *txt_head.parameters())]
-        for g in grads:  # what DDP does to gradients
-            dist.all_reduce(g)
-            g /= WORLD
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        results[name] = (mean_loss / WORLD, grads)
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
+    loss = _loss(name, img_head, txt_head, x_img[rows], x_txt[rows], ids[rows], _make_bank(), rows)
+    return loss, [*img_head.parameters(), *txt_head.parameters()]
 
 
 NAMES = ["infonce", "vse", "ranking", "label", "ucch", "ucch_warmup"]
@@ -83,19 +65,12 @@ NAMES = ["infonce", "vse", "ranking", "label", "ucch", "ucch_warmup"]
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "ddp.pt")
-        mp.spawn(_worker, args=(free_port(), NAMES, out), nprocs=WORLD, join=True)
-        return torch.load(out)
+    return two_processes(_loss_of, NAMES, B)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ddp_equals_single_process_at_doubled_batch(name, ddp_results):
-    single_loss, single_grads = _single(name)
-    ddp_loss, ddp_grads = ddp_results[name]
-    assert torch.allclose(ddp_loss, single_loss, atol=1e-6), (ddp_loss, single_loss)
-    for g_ddp, g_single in zip(ddp_grads, single_grads):
-        assert torch.allclose(g_ddp, g_single, atol=1e-6), (g_ddp - g_single).abs().max()
+    assert_equal_results(ddp_results[name], single_process(_loss_of, name, B))
 
 
 def test_false_negative_mask_changes_the_loss():

@@ -1,5 +1,13 @@
-"""Hashing objectives on relaxed (tanh) codes: UCCH's memory-bank contrast against sign keys and its
-cross-modal ranking loss; a supervised label-similarity term."""
+"""UCCH (unsupervised contrastive cross-modal hashing) on relaxed (tanh) codes: the memory-bank contrast
+against sign keys and the cross-modal ranking loss.
+
+Nested codes: every function here works on a code prefix as on a whole code. The bank holds one
+vector of the full length per item and a prefix's keys are the signs of its rows' first L entries
+(`loss` slices the keys to the width of the codes it is given), so one bank, updated once a step with
+the full codes, serves every prefix: the first L entries of a row move towards the first L entries of
+the mean of both modalities' codes, so each prefix's keys follow that prefix's codes. (A bank of its
+own per prefix would differ only in the weights of old against new where their signs disagree: the
+normalisations are over the whole row, not over the prefix.)"""
 from __future__ import annotations
 
 import math
@@ -27,21 +35,6 @@ def cross_modal_ranking(hx: torch.Tensor, hy: torch.Tensor, margin: float, shift
     return loss
 
 
-def label_similarity(hx: torch.Tensor, hy: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
-    """Supervised cross-modal pairwise loss (DCMH-style likelihood): an image and a caption are
-    similar when their multi-hot labels share a category. Binary cross-entropy on scaled cosines of
-    the relaxed codes, local rows against gathered columns, both directions."""
-    hx_all, _ = gather_with_grad(hx)
-    hy_all, _ = gather_with_grad(hy)
-    labels_all = gather_no_grad(labels)
-    similar = ((labels @ labels_all.T) > 0).to(hx.dtype)
-    loss = hx.new_zeros(())
-    for query, gallery in ((hx, hy_all), (hy, hx_all)):
-        logits = scale * F.normalize(query, dim=1) @ F.normalize(gallery, dim=1).T
-        loss = loss + F.binary_cross_entropy_with_logits(logits, similar)
-    return loss / 2
-
-
 class MemoryBankContrast(nn.Module):
     """UCCH's contrastive hashing loss against sign keys of a momentum-updated memory bank.
 
@@ -60,8 +53,10 @@ class MemoryBankContrast(nn.Module):
 
     def loss(self, h: torch.Tensor, idx: torch.Tensor, step: int, warmup: bool, partner: torch.Tensor) -> torch.Tensor:
         """Loss of relaxed codes `h` [B, L] (tanh outputs) of bank items `idx`; `partner` is the other
-        modality's codes, used for the in-batch keys during warm-up."""
+        modality's codes, used for the in-batch keys during warm-up. L may be shorter than the bank's
+        rows (a prefix of nested codes): the keys are then the signs of the rows' first L entries."""
         h = F.normalize(h, dim=1)
+        length = h.shape[1]
         scale = 1.0 / (self.tau * math.sqrt(h.shape[1]))  # k·h/sqrt(L) is the cosine of h and the key
         if warmup:  # in-batch negatives: keys from both modalities' mean, no memory yet
             mean_all, offset = gather_with_grad(((h + F.normalize(partner, dim=1)) / 2).detach())
@@ -70,8 +65,8 @@ class MemoryBankContrast(nn.Module):
             return F.cross_entropy(logits, target)
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
         neg = torch.randint(len(self.bank), (self.num_negatives,), generator=gen).to(self.bank.device)
-        pos_logit = (h * torch.sign(self.bank[idx])).sum(1, keepdim=True)
-        neg_logits = h @ torch.sign(self.bank[neg]).T
+        pos_logit = (h * torch.sign(self.bank[idx, :length])).sum(1, keepdim=True)
+        neg_logits = h @ torch.sign(self.bank[neg, :length]).T
         logits = torch.cat([pos_logit, neg_logits], dim=1) * scale
         return F.cross_entropy(logits, torch.zeros(h.shape[0], dtype=torch.long, device=h.device))
 
