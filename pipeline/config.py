@@ -48,7 +48,7 @@ class DataConfig:
 @dataclass
 class EncoderConfig:
     name: str = "cnn"  # image: cnn | a transformers vision model; text: tiny_bert | a transformers text model;
-    # either side: open_clip:<architecture> (the open_clip extra; its tokenizer comes with the text side)
+    # either side: open_clip:<architecture> (the openclip extra; its tokenizer comes with the text side)
     width: int = 128  # cnn channels of the last stage / tiny_bert hidden size
     layers: int = 2  # tiny_bert layers
     heads: int = 2  # tiny_bert attention heads

@@ -1,6 +1,6 @@
 """open_clip backbones: `model.image_encoder.name: open_clip:<architecture>` (and the same for text).
 
-open_clip is an optional extra (`pip install -e ".[open_clip]"`; it brings timm and torchvision). The
+open_clip is an optional extra (`pip install -e ".[openclip]"`; it brings timm and torchvision). The
 architecture is any name open_clip knows (`open_clip.list_models()`, or one registered with
 `open_clip.add_model_config`); `init` says where the weights come from: an open_clip pretrained tag
 (`openai`, `laion2b_s34b_b79k`, ...; downloaded by open_clip into its cache on first use), a local
@@ -39,7 +39,7 @@ def import_open_clip():
     try:
         import open_clip
     except ModuleNotFoundError as e:
-        raise ConfigError(f"open_clip encoders need the open_clip extra ({e}): pip install -e \".[open_clip]\" "
+        raise ConfigError(f"open_clip encoders need the openclip extra ({e}): pip install -e \".[openclip]\" "
                           f"(with a torchvision built for this torch: docs/inference.md)") from None
     return open_clip
 

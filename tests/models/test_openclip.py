@@ -1,6 +1,6 @@
 """open_clip backbones on their real code path: a tiny architecture registered with open_clip here, randomly
 initialised (no download), built through the config, trained one step by train.py's main and encoded by
-the restored run. Skipped only where the open_clip extra is not installed (FICO_REQUIRE_OPEN_CLIP=1,
+the restored run. Skipped only where the openclip extra is not installed (FICO_REQUIRE_OPEN_CLIP=1,
 set by .ci/run, turns that into a failure)."""
 import json
 import os
@@ -13,7 +13,7 @@ from pipeline.config import load_config
 if os.environ.get("FICO_REQUIRE_OPEN_CLIP") == "1":
     import open_clip
 else:
-    open_clip = pytest.importorskip("open_clip", reason="the open_clip extra is not installed")
+    open_clip = pytest.importorskip("open_clip", reason="the openclip extra is not installed")
 
 ARCH = "fico-tiny-clip"
 TINY = {"embed_dim": 16,
