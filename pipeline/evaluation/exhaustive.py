@@ -125,8 +125,8 @@ def blocked_topk(queries, blocks, k: int, measure: str = "cosine"):
     memory is one block plus ``[nq, k]``, and the tie rule holds across blocks (every index of a later
     block is larger). Returns ``(scores [nq, k'], gallery indices [nq, k'])``, ``k' = min(k, rows)``."""
     best = None
-    for first, block in blocks:
-        scores, positions = topk_search(queries, torch.from_numpy(np.array(block)), k, measure)  # a copy: mmaps are read-only
+    for first, block in blocks:  # a copy of each block: memory maps are read-only
+        scores, positions = topk_search(queries, torch.from_numpy(np.array(block)), k, measure)
         best = merge_topk(best, (scores, positions + first), k)
     if best is None:
         raise ValueError("an empty gallery: no block to search")

@@ -269,8 +269,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(meta["skipped"].items())) or "nothing"
-    print(f"{args.out}: {meta['count']} {meta['gallery']} indexed with {meta['run']['name']} in {meta['seconds']:.1f} s "
-          f"({meta['bytes_per_item']:,} bytes per item); skipped: {skipped}")
+    print(f"{args.out}: {meta['count']} {meta['gallery']} indexed with {meta['run']['name']} in "
+          f"{meta['seconds']:.1f} s ({meta['bytes_per_item']:,} bytes per item); skipped: {skipped}")
     return 0
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.inference.export import main as export_cli
 from pipeline.inference.runs import load_run
-from pipeline.inference.search import SearchIndex, main as search_cli
+from pipeline.inference.search import SearchIndex, build_image_index, main as search_cli
 from tests.helpers.search import search
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -77,6 +77,20 @@ def test_image_search_ranks_as_screened_token_scoring(tiny_token_runs, test_spli
                                              "-k", 10, "--screen-k", n))
     assert ranks == _two_stage(token_scores, token_scores, n, 10)
     assert ranks != _two_stage(cosine, token_scores, SCREEN_K, 10)  # the depth K is what it is told
+
+
+def test_an_index_in_many_blocks_answers_the_same(tiny_token_runs, test_split, tmp_path):
+    """Blocks of 10 rows: the screen merges them under the tie rule and candidates are read across them."""
+    folder, captions = test_split
+    run = load_run(tiny_token_runs["fine_grained_tokens"])
+    one = build_image_index(run, folder, tmp_path / "one", workers=0, progress=False)
+    many = build_image_index(run, folder, tmp_path / "many", batch_size=10, workers=0, progress=False,
+                             block_rows=10)
+    assert len(one["blocks"]) == 1 and len(many["blocks"]) == 7
+    texts = [c for _, c in captions[::7]]
+    for depth in (None, 40):
+        assert (SearchIndex.open(tmp_path / "many", run).query_texts(texts, k=12, screen_k=depth)
+                == SearchIndex.open(tmp_path / "one", run).query_texts(texts, k=12, screen_k=depth))
 
 
 def test_text_gallery_queried_with_images(tiny_token_runs, test_split, tmp_path):
