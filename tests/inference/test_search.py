@@ -123,6 +123,8 @@ def test_an_index_refuses_a_run_whose_weights_changed(tiny_runs, test_split, tmp
     assert (meta["count"], meta["skipped"]) == (2, {"empty_line": 1})
     assert search(capsys, "query", "--index", tmp_path / "index", "--text", "a red circle", "-k", 1)[0][
         "results"][0] == {"text": "a red circle", "score": pytest.approx(1.0, abs=1e-5)}
+    assert search_cli(["query", "--index", str(tmp_path / "index"), "--text", "a red circle", "--screen-k", "5"]) == 2
+    assert "not a token-level run" in capsys.readouterr().err  # a depth only token-level runs have
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     name = next(k for k in ckpt["state_dict"] if k.startswith("text_head"))
     ckpt["state_dict"][name] = ckpt["state_dict"][name] + 0.01

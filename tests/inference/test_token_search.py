@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.inference.export import main as export_cli
 from pipeline.inference.runs import load_run
-from pipeline.inference.search import SearchIndex, build_image_index, main as search_cli
+from pipeline.inference.search import SearchError, SearchIndex, build_image_index, main as search_cli
 from tests.helpers.search import search
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -111,6 +111,11 @@ def test_text_gallery_queried_with_images(tiny_token_runs, test_split, tmp_path)
     expected = _two_stage(_cosine(img[:6], txt), run.module.token_scorer(img_set[:6], txt_set), SCREEN_K, 8)
     assert [[texts.index(t) for t, _ in row] for row in found] == expected  # shapes captions are distinct
     assert len(set(texts)) == len(texts)
+    # an index of global embeddings only (as made before token-level search) is refused, not searched
+    meta["arrays"] = {"gallery": meta["arrays"]["screen"]}
+    (tmp_path / "index" / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(SearchError, match="build it again"):
+        SearchIndex.open(tmp_path / "index", run)
 
 
 def test_export_of_a_token_run_searches_identically(tiny_token_runs, test_split, tmp_path, capsys):
