@@ -117,3 +117,17 @@ def topk_search(queries, gallery, k: int, measure: str = "cosine",
             s = score_prepared(q_prep[q0:q0 + q_rows], g_prep, measure, out=out)
             results[bi] = merge_topk(results[bi], _block_topk(s, k, g0, scratch), k)
     return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+
+
+def blocked_topk(queries, blocks, k: int, measure: str = "cosine"):
+    """``topk_search`` over a gallery handed over in blocks: ``blocks`` yields ``(first row, array)`` in
+    gallery order (e.g. memory-mapped files). Each block's top-k is merged into the running top-k, so
+    memory is one block plus ``[nq, k]``, and the tie rule holds across blocks (every index of a later
+    block is larger). Returns ``(scores [nq, k'], gallery indices [nq, k'])``, ``k' = min(k, rows)``."""
+    best = None
+    for first, block in blocks:  # a copy of each block: memory maps are read-only
+        scores, positions = topk_search(queries, torch.from_numpy(np.array(block)), k, measure)
+        best = merge_topk(best, (scores, positions + first), k)
+    if best is None:
+        raise ValueError("an empty gallery: no block to search")
+    return best

@@ -7,6 +7,7 @@ The order of one query's gallery is
    re-ranking score descending, equal re-ranking scores by gallery index;
 2. every other item, in the screen's order.
 With K = the gallery size that is exactly the re-ranking scorer's own (exhaustive) order.
+`screened_topk` gives the first k of that order for a gallery handed over in blocks (search).
 
 The block written for the protocol keeps the screen's scores for the items outside the top K and gives
 the K candidates the distinct integers `base + K - position`, above every screen score (`base` is the
@@ -19,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.evaluation.exhaustive import _block_topk
+from pipeline.evaluation.exhaustive import _block_topk, blocked_topk
 
 _EXACT_FLOAT32 = 1 << 24
 
@@ -64,3 +65,23 @@ def pair_rerank(pair_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         return pair_scores(*pairs).reshape(candidates.shape)
 
     return rerank
+
+
+def screened_topk(screen_queries, screen_blocks, rerank: Callable[[torch.Tensor], torch.Tensor], k: int,
+                  screen_k: int, measure: str = "cosine"):
+    """The two-stage ranking's first ``k`` items per query, over a gallery handed over in blocks.
+
+    ``screen_blocks`` yields ``(first row, screen array)`` in gallery order (memory: one block at a time);
+    the screen keeps each query's top ``K' = max(k, screen_k)`` (tie rule), ``rerank(candidates [q, K'])``
+    scores them (each row ascending in gallery index) and they are ordered by that score, equal scores
+    by gallery index: the order :func:`two_stage` gives. Returns ``(rerank scores, gallery indices)``
+    ``[q, min(k, K')]``; with ``screen_k`` >= the gallery size, the re-ranker's exhaustive top k."""
+    if k < 1 or screen_k < 1:
+        raise ValueError(f"k and the screen depth must be >= 1, got k={k}, screen_k={screen_k}")
+    _, candidates = blocked_topk(screen_queries, screen_blocks, max(k, screen_k), measure)
+    candidates = torch.sort(candidates, dim=1).values
+    fine = rerank(candidates)
+    if tuple(fine.shape) != tuple(candidates.shape):
+        raise ValueError(f"rerank must return scores of shape {tuple(candidates.shape)}, got {tuple(fine.shape)}")
+    order = torch.sort(fine, dim=1, descending=True, stable=True).indices[:, :k]
+    return fine.gather(1, order), candidates.gather(1, order)

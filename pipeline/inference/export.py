@@ -61,14 +61,33 @@ def _encoder_line(enc) -> str:
     return f"{enc.name} (width {enc.width}{extra}{', frozen' if enc.freeze else ''})"
 
 
+def _family_line(run: Run) -> str:
+    if run.family == "hash":
+        return f"cross-modal hashing, {run.dim}-bit codes compared by Hamming distance"
+    if run.tokens:
+        return (f"token-level fine-grained, images and captions compared token by token by {run.scorer_name} on "
+                f"{run.cfg.tokens.dim}-d token sets, a {run.dim}-d global embedding screening the gallery")
+    return f"fine-grained, {run.dim}-d embeddings compared by cosine similarity"
+
+
+def _token_rows(run: Run) -> list[str]:
+    """A token-level run's scorer and how its search ranks (empty for the other families)."""
+    if not run.tokens:
+        return []
+    t = run.cfg.tokens
+    return [f"| token scorer | {run.scorer_name}, {t.dim}-d tokens (`tokens.scorer: {t.scorer}`) |",
+            f"| search | the global embedding's top {t.screen_k} by cosine (`tokens.screen_k`; `--screen-k` at query "
+            f"time) re-ranked by the token scorer; scores are token scores |",
+            f"| test scoring | {run.test_scoring.get('description') or run.test_scoring['mode']} |"]
+
+
 def model_card(run: Run, provenance: dict | None) -> str:
     cfg = run.cfg
-    family = (f"cross-modal hashing, {run.dim}-bit codes compared by Hamming distance" if run.family == "hash"
-              else f"fine-grained, {run.dim}-d embeddings compared by cosine similarity")
     d = cfg.data
-    lines = [f"# {run.name}", "", f"An image-text retrieval model: {family}. Exported from `{run.path}` "
+    lines = [f"# {run.name}", "", f"An image-text retrieval model: {_family_line(run)}. Exported from `{run.path}` "
              f"(`{run.checkpoint.name}`) by `python -m pipeline.export`.", "",
-             "| | |", "|---|---|", f"| family | {cfg.model.kind} |",
+             "| | |", "|---|---|", f"| family | {cfg.model.kind} |", f"| representation | {run.representation} |",
+             *_token_rows(run),
              f"| image encoder | {_encoder_line(cfg.model.image_encoder)} |",
              f"| text encoder | {_encoder_line(cfg.model.text_encoder)}, up to {d.max_text_len} tokens |",
              f"| image input | {d.image_size} x {d.image_size}: shorter side resized, centre square; "

@@ -2,15 +2,16 @@
 exhaustive top-k over it.
 
     INDEX/index.json     {"format", "gallery": "images" | "texts", "run": {"path", "name", "fingerprint"},
-                          "measure", "arrays", "count", "blocks": [rows, ...], "root", "skipped",
-                          "skipped_files", "seconds"}
+                          "measure", "arrays": {name: {"dtype", "shape"}}, "bytes_per_item", "count",
+                          "blocks": [rows, ...], "root", "skipped", "skipped_files", "seconds"}
     INDEX/items.jsonl    one JSON string per line: the file's path under the folder, or the text
     INDEX/blocks/NNNNNN.<array>.npy   rows of each gallery array, block by block
 
 What is stored is the run's `gallery_features` of each item: embeddings (fine-grained), packed codes
 (hashing). A family whose `gallery_features` returns several arrays per item (a dict, e.g. a global
 screen and its tokens) gets one file per array per block, and searches them with its own
-`search_gallery(queries, gallery, k)` (given a `GalleryReader`); every other family is searched here,
+`search_gallery(queries, gallery, k, screen_k)` (given a `GalleryReader`: blocks of one array, or any
+rows of it); every other family is searched here,
 block by block, exhaustively under its `measure`, best first with the protocol's tie rule (equal
 scores in gallery order), so the ranking is the evaluation's. Memory: one block of the gallery and
 the running top-k per query.
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from data_prep import atomic_write_bytes, remove_tree, tmp_sibling
-from pipeline.evaluation.exhaustive import merge_topk, topk_search
+from pipeline.evaluation.exhaustive import blocked_topk
 
 FORMAT = 1
 MAIN = "gallery"  # the array of a family whose gallery_features is one tensor
@@ -54,8 +55,10 @@ class IndexWriter:
     def add(self, features, items: list[str]) -> None:
         arrays = as_arrays(features)
         for name, array in arrays.items():
+            layout = {"dtype": str(array.dtype), "shape": list(array.shape[1:])}
+            if self.arrays.setdefault(name, layout) != layout:  # every block of an array has one row layout
+                raise ValueError(f"gallery array {name!r}: rows of {layout}, earlier rows {self.arrays[name]}")
             self.pending.setdefault(name, []).append(array)
-            self.arrays[name] = {"dtype": str(array.dtype), "shape": list(array.shape[1:])}
         for item in items:
             self.items.write(json.dumps(item, ensure_ascii=False) + "\n")
         self.pending_rows += len(items)
@@ -65,6 +68,11 @@ class IndexWriter:
     @property
     def count(self) -> int:
         return sum(self.blocks) + self.pending_rows
+
+    @property
+    def bytes_per_item(self) -> int:
+        """What the blocks store per item, every array together (a token set at its padded length)."""
+        return sum(np.dtype(a["dtype"]).itemsize * int(np.prod(a["shape"])) for a in self.arrays.values())
 
     def _flush(self) -> None:
         if not self.pending_rows:
@@ -77,7 +85,8 @@ class IndexWriter:
     def finish(self, meta: dict) -> dict:
         self._flush()
         self.items.close()
-        meta = {"format": FORMAT, **meta, "arrays": self.arrays, "count": sum(self.blocks), "blocks": self.blocks}
+        meta = {"format": FORMAT, **meta, "arrays": self.arrays, "bytes_per_item": self.bytes_per_item,
+                "count": sum(self.blocks), "blocks": self.blocks}
         atomic_write_bytes(self.staged / INDEX_FILE, (json.dumps(meta, indent=2) + "\n").encode())
         self.staged.rename(self.out)
         return meta
@@ -104,6 +113,21 @@ class GalleryReader:
             yield first, np.load(self.folder / BLOCKS / f"{b:06d}.{name}.npy", mmap_mode="r")
             first += rows
 
+    def rows(self, name: str, positions: np.ndarray) -> np.ndarray:
+        """Rows of array `name` at gallery `positions` (any order), read from the blocks that hold them."""
+        positions = np.asarray(positions, dtype=np.int64)
+        starts = np.cumsum([0] + list(self.meta["blocks"]))
+        if positions.size and (positions.min() < 0 or positions.max() >= starts[-1]):
+            raise IndexError(f"gallery positions outside 0..{starts[-1] - 1}")
+        block_of = np.searchsorted(starts, positions, side="right") - 1
+        layout = self.meta["arrays"][name]
+        out = np.empty((len(positions), *layout["shape"]), dtype=layout["dtype"])
+        for b in np.unique(block_of):
+            here = block_of == b
+            block = np.load(self.folder / BLOCKS / f"{b:06d}.{name}.npy", mmap_mode="r")
+            out[here] = block[positions[here] - starts[b]]
+        return out
+
     def items(self) -> list[str]:
         with open(self.folder / ITEMS_FILE, encoding="utf-8") as f:
             return [json.loads(line) for line in f]
@@ -112,9 +136,4 @@ class GalleryReader:
 def search_blocks(queries: torch.Tensor, gallery: GalleryReader, k: int, measure: str):
     """(scores [q, k], gallery positions [q, k]) best first, the tie rule across blocks too: each block's
     top-k in gallery order, merged (every position of a later block is larger)."""
-    k = min(k, gallery.count)
-    best = None
-    for first, block in gallery.blocks(MAIN):
-        scores, positions = topk_search(queries, torch.from_numpy(np.array(block)), k, measure)
-        best = merge_topk(best, (scores, positions + first), k)
-    return best
+    return blocked_topk(queries, gallery.blocks(MAIN), min(k, gallery.count), measure)

@@ -34,6 +34,8 @@ class Run:
 
     @property
     def family(self) -> str:
+        """The study's family: `hash` (binary codes) or `fine_grained` (continuous, token-level runs too:
+        `tokens` says whether the run compares token sets, `representation` what it stores)."""
         return "hash" if self.cfg.model.kind == "hash" else "fine_grained"
 
     @property

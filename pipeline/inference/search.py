@@ -8,7 +8,9 @@
 
 A query prints one JSON line: {"query": ..., "results": [{"path" | "text": ..., "score": ...}, ...]},
 best first: cosine similarity for fine-grained runs, Hamming distance for hashing runs (smallest
-first); equal scores in gallery order (the protocol's tie rule). Images are read with the run's own
+first), the token score for token-level runs (the global embedding's top `tokens.screen_k`, or
+--screen-k, re-ranked by the run's token scorer, as its screened evaluation ranks); equal scores in
+gallery order (the protocol's tie rule). Images are read with the run's own
 evaluation preprocessing and texts with its own tokenizer, through the module's encode_images /
 encode_texts and gallery_features, so a search ranks exactly as evaluation does for the same pixels
 and texts. The index records the run and refuses to open, in one line, when its weights changed.
@@ -47,12 +49,23 @@ def _runnable(run: Run) -> Run:
 
 @torch.inference_mode()
 def encode_images(run: Run, images: torch.Tensor):
-    return run.module.gallery_features(run.module.encode_images(images))
+    return _gallery_features(run.module, *run.module.encode_images_with_tokens(images))
 
 
 @torch.inference_mode()
-def encode_texts(run: Run, texts: list[str]):
-    return run.module.gallery_features(run.module.encode_texts(run.inputs.tokenize(texts)))
+def encode_texts(run: Run, texts: list[str], token_slots: int | None = None):
+    """`token_slots`: a token-level run's caption token sets padded to that many slots (a gallery's blocks
+    hold one width: the run's max_text_len)."""
+    return _gallery_features(run.module, *run.module.encode_texts_with_tokens(run.inputs.tokenize(texts)),
+                             token_slots)
+
+
+def _gallery_features(module, output: torch.Tensor, tokens, token_slots: int | None = None):
+    """What the index stores and queries are searched with: gallery_features, with the token set for a
+    token-level run (its search screens by the global embedding and re-ranks by tokens)."""
+    if tokens is None:
+        return module.gallery_features(output)
+    return module.gallery_features(output, tokens if token_slots is None else tokens.padded(token_slots))
 
 
 def _run_meta(run: Run) -> dict:
@@ -98,7 +111,7 @@ def build_text_index(run, texts_file, out, batch_size: int = 256, progress: bool
         with progress_bar(len(texts), f"index {texts_file}", progress, "text") as bar:
             for first in range(0, len(texts), batch_size):
                 chunk = texts[first:first + batch_size]
-                writer.add(encode_texts(run, chunk), chunk)
+                writer.add(encode_texts(run, chunk, run.inputs.max_text_len), chunk)
                 bar.update(len(chunk))
         return writer.finish(_meta(run, "texts", str(Path(texts_file).resolve()), skipped, start))
     except BaseException:
@@ -147,6 +160,9 @@ class SearchIndex:
         if run.fingerprint != meta["run"]["fingerprint"]:
             raise SearchError(f"--index {folder} was built with {meta['run']['path']} and {run.path}'s weights "
                               f"differ from those (changed since, or another run): build the index again")
+        if hasattr(run.module, "search_gallery") and "screen" not in meta.get("arrays", {}):
+            raise SearchError(f"--index {folder} holds only global embeddings (built before token-level search): "
+                              f"build it again to search with {run.path}'s token scorer")
         return cls(folder, meta, _runnable(run))
 
     @property
@@ -155,11 +171,12 @@ class SearchIndex:
             self._items = self.gallery.items()
         return self._items
 
-    def search(self, queries, k: int) -> list[list[tuple[str, float]]]:
-        """Top-k (item, score) per query, given the queries' gallery_features."""
+    def search(self, queries, k: int, screen_k: int | None = None) -> list[list[tuple[str, float]]]:
+        """Top-k (item, score) per query, given the queries' gallery_features. `screen_k`: a token-level
+        run's screen depth (default: its tokens.screen_k)."""
         module = self.run.module
-        if hasattr(module, "search_gallery"):  # a family with its own search (e.g. screen, then tokens)
-            scores, positions = module.search_gallery(queries, self.gallery, k)
+        if hasattr(module, "search_gallery"):  # a family with its own search (screen, then tokens)
+            scores, positions = module.search_gallery(queries, self.gallery, k, screen_k)
         else:
             scores, positions = search_blocks(queries, self.gallery, k, self.meta["measure"])
         hamming = self.meta["measure"] == "hamming"
@@ -170,20 +187,21 @@ class SearchIndex:
         item = self.items[position]
         return str(Path(self.meta["root"]) / item) if self.item_key == "path" else item
 
-    def query_texts(self, texts: list[str], k: int = 10, batch_size: int = 256) -> list[list[tuple[str, float]]]:
+    def query_texts(self, texts: list[str], k: int = 10, batch_size: int = 256,
+                    screen_k: int | None = None) -> list[list[tuple[str, float]]]:
         out = []
         for first in range(0, len(texts), batch_size):
-            out += self.search(encode_texts(self.run, texts[first:first + batch_size]), k)
+            out += self.search(encode_texts(self.run, texts[first:first + batch_size]), k, screen_k)
         return out
 
-    def query_images(self, paths: list, k: int = 10) -> list[list[tuple[str, float]]]:
+    def query_images(self, paths: list, k: int = 10, screen_k: int | None = None) -> list[list[tuple[str, float]]]:
         pixels = []
         for path in paths:
             image, reason = load_image(Path(path), self.run.inputs.transform)
             if image is None:
                 raise SearchError(f"--image {path}: {reason.replace('_', ' ')}")
             pixels.append(image)
-        return self.search(encode_images(self.run, torch.stack(pixels)), k)
+        return self.search(encode_images(self.run, torch.stack(pixels)), k, screen_k)
 
 
 def result_line(query: str, results: list[tuple[str, float]], item_key: str) -> str:
@@ -212,20 +230,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--queries", type=Path, help="a text file: one query per line")
     q.add_argument("-k", type=int, default=10, help="results per query")
     q.add_argument("--run", type=Path, help="the run (or its export) if it moved since the index was built")
+    q.add_argument("--screen-k", type=int, help="token-level runs: how many of the global embedding's best the "
+                   "token scorer re-ranks (default: the run's tokens.screen_k; >= the gallery: every item)")
     args = p.parse_args(argv)
-    if (getattr(args, "k", 1) < 1 or getattr(args, "batch_size", 1) < 1 or getattr(args, "workers", 0) < 0):
-        p.error("-k and --batch-size must be >= 1, --workers >= 0")
+    if (getattr(args, "k", 1) < 1 or getattr(args, "batch_size", 1) < 1 or getattr(args, "workers", 0) < 0
+            or (getattr(args, "screen_k", None) is not None and args.screen_k < 1)):
+        p.error("-k, --screen-k and --batch-size must be >= 1, --workers >= 0")
     return args
 
 
 def run_query(args) -> None:
     index = SearchIndex.open(args.index, args.run)
+    if args.screen_k is not None and not index.run.tokens:
+        raise SearchError(f"--screen-k: {index.run.path} is not a token-level run (it has no screen to set)")
     if args.image is not None:
-        queries, results = [str(args.image)], index.query_images([args.image], args.k)
+        queries, results = [str(args.image)], index.query_images([args.image], args.k, args.screen_k)
     else:
         queries = [args.text] if args.text is not None else [t for t in _read_lines(args.queries, "--queries")
                                                             if t.strip()]
-        results = index.query_texts(queries, args.k)
+        results = index.query_texts(queries, args.k, screen_k=args.screen_k)
     for query, found in zip(queries, results):
         print(result_line(query, found, index.item_key))
 
@@ -246,8 +269,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(meta["skipped"].items())) or "nothing"
-    print(f"{args.out}: {meta['count']} {meta['gallery']} indexed with {meta['run']['name']} in {meta['seconds']:.1f} s; "
-          f"skipped: {skipped}")
+    print(f"{args.out}: {meta['count']} {meta['gallery']} indexed with {meta['run']['name']} in "
+          f"{meta['seconds']:.1f} s ({meta['bytes_per_item']:,} bytes per item); skipped: {skipped}")
     return 0
 
 

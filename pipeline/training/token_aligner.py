@@ -1,19 +1,23 @@
 """The token-level fine-grained family (`model.kind: fine_grained_tokens`): images and captions are
 compared token by token (late interaction or SCAN-style cross-attention), trained with InfoNCE or VSE++ on
-the token scores, jointly with a global embedding that screens the gallery at evaluation."""
+the token scores, jointly with a global embedding that screens the gallery at evaluation and in search."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
+from pipeline.evaluation.screened import screened_topk
 from pipeline.evaluation.token_metric import TokenRetrievalMetrics
 from pipeline.models.heads import TokenHead
 from pipeline.models.token_scorers import TokenScorer, TokenSet
 from pipeline.objectives.tokens import token_alignment_loss
 from pipeline.training.aligner import FineGrainedAligner
 from pipeline.training.module import encode
+
+SEARCH_TOKEN_ELEMENTS = 1 << 24  # candidate token values gathered at once when re-ranking a search (64 MiB)
 
 
 class TokenAligner(FineGrainedAligner):
@@ -34,7 +38,7 @@ class TokenAligner(FineGrainedAligner):
         self.token_loss, self.token_margin = tokens["loss"], tokens["margin"]
         self.token_max_log_scale, self.global_weight = math.log(tokens["max_logit_scale"]), tokens["global_weight"]
         self.score_grid, score_pairs = scorer.functions()
-        k = tokens["screen_k"]
+        k = self.screen_k = tokens["screen_k"]
         self.val_metrics = TokenRetrievalMetrics(self.score_grid, score_pairs, tokens["val_scoring"], k, ks=self.ks)
         self.test_metrics = TokenRetrievalMetrics(self.score_grid, score_pairs, tokens["test_scoring"], k, ks=self.ks)
         screened = tokens["test_scoring"] == "screened"
@@ -51,6 +55,44 @@ class TokenAligner(FineGrainedAligner):
     def encode_texts_with_tokens(self, text: dict):
         enc = self.text_encoder(**text)
         return self.text_head(enc.vector), self.text_token_head(enc.tokens, enc.mask)
+
+    def gallery_features(self, z: torch.Tensor, tokens: TokenSet | None = None):
+        """The global embedding (what screens); given the items' token set too, what a search index stores
+        and a query is searched with: {"screen": embedding, "tokens": [N, T, D], "mask": [N, T]}."""
+        if tokens is None:
+            return z
+        return {"screen": z, "tokens": tokens.tokens, "mask": tokens.mask}
+
+    @torch.no_grad()
+    def search_gallery(self, queries: dict, gallery, k: int, screen_k: int | None = None):
+        """(token scores [q, k], gallery positions [q, k]) best first, as screened evaluation ranks: the global
+        embedding's top max(k, screen_k) by cosine over the gallery's blocks (default `tokens.screen_k`),
+        re-ranked by the token scorer, equal scores in gallery order. `queries`: gallery_features with tokens;
+        `gallery`: a search index's GalleryReader (`blocks(name)`, `rows(name, positions)`, `meta`)."""
+        asked = TokenSet(torch.as_tensor(queries["tokens"]), torch.as_tensor(queries["mask"]))
+        holds_images = gallery.meta["gallery"] == "images"
+
+        def rerank(candidates: torch.Tensor) -> torch.Tensor:
+            return self._score_candidates(asked, gallery, holds_images, candidates)
+
+        return screened_topk(queries["screen"], gallery.blocks("screen"), rerank, k, screen_k or self.screen_k)
+
+    def _score_candidates(self, asked: TokenSet, gallery, holds_images: bool, candidates: torch.Tensor):
+        """Token scores [q, K] of each query with its K candidates (`token_scorer.pairs`, as screened
+        evaluation re-ranks), reading the candidates' token sets from the gallery a few queries at a time:
+        at most SEARCH_TOKEN_ELEMENTS gathered token values."""
+        depth = candidates.shape[1]
+        rows = max(1, SEARCH_TOKEN_ELEMENTS // (depth * int(np.prod(gallery.meta["arrays"]["tokens"]["shape"]))))
+        out = []
+        for a in range(0, len(asked), rows):
+            flat = candidates[a:a + rows].reshape(-1).numpy()
+            items = TokenSet(torch.from_numpy(gallery.rows("tokens", flat)),
+                             torch.from_numpy(gallery.rows("mask", flat))).to(asked.tokens.device)
+            queries = asked[a:a + rows]
+            queries = queries[torch.arange(len(queries), device=asked.tokens.device).repeat_interleave(depth)]
+            pairs = (items, queries) if holds_images else (queries, items)
+            out.append(self.token_scorer.pairs(*pairs).float().reshape(-1, depth).cpu())
+        return torch.cat(out)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         img, img_set = self.encode_images_with_tokens(batch["images"])

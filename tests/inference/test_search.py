@@ -6,35 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
 import yaml
 from PIL import Image
 
-from data_prep import read_card
 from pipeline.inference.export import main as export_cli
 from pipeline.inference.runs import load_run
 from pipeline.inference.search import main as search_cli
+from tests.helpers.search import search
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def test_split(shapes_tiny, tmp_path_factory):
-    """(folder of the test images as files, [(image index, caption)] in evaluation's caption order)."""
-    folder = tmp_path_factory.mktemp("photos")
-    card = read_card(shapes_tiny)
-    captions = []
-    for sample in wds.WebDataset([str(shapes_tiny / s) for s in card["splits"]["test"]["shards"]], shardshuffle=False):
-        meta = json.loads(sample["json"])
-        (folder / f"{meta['index']:06d}.png").write_bytes(sample["png"])
-        captions += [(meta["index"], c) for c in meta["captions"]]
-    return folder, sorted(captions, key=lambda ic: ic[0])  # by image, each image's captions in order
-
-
-def search(capsys, *args) -> list[dict]:
-    capsys.readouterr()  # what earlier commands printed
-    assert search_cli(list(map(str, args))) == 0, capsys.readouterr().err
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
 def recall(lines: list[dict], captions, k: int) -> float:
@@ -143,6 +123,8 @@ def test_an_index_refuses_a_run_whose_weights_changed(tiny_runs, test_split, tmp
     assert (meta["count"], meta["skipped"]) == (2, {"empty_line": 1})
     assert search(capsys, "query", "--index", tmp_path / "index", "--text", "a red circle", "-k", 1)[0][
         "results"][0] == {"text": "a red circle", "score": pytest.approx(1.0, abs=1e-5)}
+    assert search_cli(["query", "--index", str(tmp_path / "index"), "--text", "a red circle", "--screen-k", "5"]) == 2
+    assert "not a token-level run" in capsys.readouterr().err  # a depth only token-level runs have
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     name = next(k for k in ckpt["state_dict"] if k.startswith("text_head"))
     ckpt["state_dict"][name] = ckpt["state_dict"][name] + 0.01
