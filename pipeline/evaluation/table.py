@@ -17,3 +17,12 @@ def format_table(results: dict[str, float], title: str = "") -> str:
     if "rsum" in results:
         lines += ["", f"rsum = {results['rsum']:.2f}"]
     return "\n".join(lines)
+
+
+def format_tables(results: dict[str, float], title: str) -> str:
+    """format_table of the results, then one table per nested code prefix (names `<L>bit/...`)."""
+    tables = [format_table(results, title)]
+    for prefix in dict.fromkeys(k.split("/")[0] for k in results if "/" in k):
+        own = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(f"{prefix}/")}
+        tables.append(format_table(own, f"{title}, first {prefix}"))
+    return "\n\n".join(tables)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from data_prep import atomic_write_bytes, remove_tree, tmp_sibling
-from pipeline.evaluation.table import format_table
+from pipeline.evaluation.table import format_tables
 from pipeline.inference.runs import Run, RunError, load_run
 from pipeline.training.provenance import PROVENANCE_FILE, read as read_provenance
 from pipeline.training.restore import EXPORT_WEIGHTS
@@ -86,7 +86,7 @@ def model_card(run: Run, provenance: dict | None) -> str:
     d = cfg.data
     lines = [f"# {run.name}", "", f"An image-text retrieval model: {_family_line(run)}. Exported from `{run.path}` "
              f"(`{run.checkpoint.name}`) by `python -m pipeline.export`.", "",
-             "| | |", "|---|---|", f"| family | {cfg.model.kind} |", f"| representation | {run.representation} |",
+             "| | |", "|---|---|", f"| family | {cfg.model.kind}{f' ({cfg.hash.objective})' if run.family == 'hash' else ''} |", f"| representation | {run.representation} |",
              *_token_rows(run),
              f"| image encoder | {_encoder_line(cfg.model.image_encoder)} |",
              f"| text encoder | {_encoder_line(cfg.model.text_encoder)}, up to {d.max_text_len} tokens |",
@@ -94,7 +94,7 @@ def model_card(run: Run, provenance: dict | None) -> str:
              f"mean {list(d.mean)}, std {list(d.std)} |",
              f"| categories | {len(run.inputs.categories)} |", ""]
     metrics = run.test_metrics()
-    lines += ["## Test metrics", "", format_table(metrics, f"{run.name}: test") if metrics else
+    lines += ["## Test metrics", "", format_tables(metrics, f"{run.name}: test") if metrics else
               "(the run has no test_metrics.json)", ""]
     if provenance:
         code, machine = provenance.get("code", {}), provenance.get("machine", {})

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from data_prep import atomic_write_bytes
-    from pipeline.evaluation.table import format_table
+    from pipeline.evaluation.table import format_tables
     from pipeline.training.build import build_module, logged_metric_names
     from pipeline.training.prerequisites import check_prerequisites
     from pipeline.training.provenance import RecordProvenance
@@ -105,11 +105,7 @@ def main(argv=None) -> int:
         if model.test_scoring:  # how the scores were made (test_metrics.json holds numbers only)
             (run_dir / "test_scoring.json").write_text(json.dumps(model.test_scoring, indent=2) + "\n")
         (run_dir / FINISHED).write_text(json.dumps(results, indent=2) + "\n")
-        title = f"{cfg.run.name}: test ({'trained' if cfg.run.train else 'untrained'})"
-        print("\n" + format_table(results, title))
-        for prefix in dict.fromkeys(k.split("/")[0] for k in results if "/" in k):  # nested codes: each prefix
-            print("\n" + format_table({k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(f"{prefix}/")},
-                                      f"{title}, first {prefix}"))
+        print("\n" + format_tables(results, f"{cfg.run.name}: test ({'trained' if cfg.run.train else 'untrained'})"))
         if model.test_scoring:
             print(f"test scoring: {model.test_scoring['description']}")
         print(f"\nrun directory: {run_dir}")

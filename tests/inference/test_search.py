@@ -132,3 +132,21 @@ def test_an_index_refuses_a_run_whose_weights_changed(tiny_runs, test_split, tmp
     assert search_cli(["query", "--index", str(tmp_path / "index"), "--text", "a red circle"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "weights differ" in err and "build the index again" in err
+
+
+@pytest.mark.parametrize("config", ["hash_supervised_64bit", "hash_instance_64bit", "hash_nested"])
+def test_every_hashing_family_exports_and_searches(tiny_hash_runs, test_split, tmp_path, capsys, config):
+    folder, captions = test_split
+    out = tmp_path / "export"
+    assert export_cli([str(tiny_hash_runs[config]), "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    run = load_run(tiny_hash_runs[config])
+    assert f"| family | hash ({run.cfg.hash.objective}) |" in card and run.representation in card
+    metrics = json.loads((run.path / "test_metrics.json").read_text())
+    for bits in run.module.prefixes:  # a nested run's card has each prefix's table
+        assert f"first {bits}bit" in card and f"{metrics[f'{bits}bit/t2i_mAP@N']:.4f}" in card
+    assert search_cli(["index", "--run", str(out), "--images", str(folder), "--out", str(tmp_path / "index"),
+                       "--workers", "0", "--no-progress"]) == 0
+    args = ["query", "--index", tmp_path / "index", "--text", captions[2][1], "-k", 5]
+    found = search(capsys, *args)
+    assert len(found[0]["results"]) == 5 and found == search(capsys, *args, "--run", run.path)
