@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,20 +38,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.cli import int_list  # noqa: E402
+from pipeline.comparison.measure import median_seconds  # noqa: E402
 from pipeline.evaluation.exhaustive import topk_search  # noqa: E402
 from pipeline.evaluation.protocol import evaluate  # noqa: E402
 from pipeline.inference.encoding import encode_split  # noqa: E402
 from pipeline.inference.runs import load_run  # noqa: E402
 from pipeline.inference.scoring import split_metrics  # noqa: E402
 
-
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _rerank(scorer, q_set, g_set, queries, cand, images_query: bool):
@@ -78,17 +69,17 @@ def bench_run(run_dir: Path, Ks, sizes, n_queries: int, repeats: int, seed: int)
     rows = []
 
     # the test split: all queries of each direction
-    grid_s = _median(lambda: torch.topk(scorer(img, txt), 10, dim=1), 1)  # one pass, ~seconds
+    grid_s = median_seconds(lambda: torch.topk(scorer(img, txt), 10, dim=1), 1)  # one pass, ~seconds
     pair_s = grid_s / (n * m)
     for direction, q_set, g_set, q_emb, g_emb, nq in (("i2t", img, txt, g_img, g_txt, n),
                                                      ("t2i", txt, img, g_txt, g_img, m)):
-        times = {"global cosine": _median(lambda: topk_search(q_emb, g_emb, 10), repeats), "token exhaustive": grid_s}
+        times = {"global cosine": median_seconds(lambda: topk_search(q_emb, g_emb, 10), repeats), "token exhaustive": grid_s}
         for k in Ks:
             def screened(k=k):
                 _, cand = topk_search(q_emb, g_emb, k)
                 return _rerank(scorer, q_set, g_set, torch.arange(nq), cand, direction == "i2t")
 
-            times[f"token screened K={k}"] = _median(screened, repeats)
+            times[f"token screened K={k}"] = median_seconds(screened, repeats)
         for method, seconds in times.items():
             rows.append({"gallery": f"test {n:,}/{m:,}", "direction": direction, "method": method,
                          "ms_per_query": 1000 * seconds / nq, "total_s": seconds,
@@ -103,13 +94,13 @@ def bench_run(run_dir: Path, Ks, sizes, n_queries: int, repeats: int, seed: int)
             gallery = g_emb.repeat(reps, 1)[:n_g].contiguous()
             queries = torch.from_numpy(np.sort(rng.choice(nq, min(n_queries, nq), replace=False)))
             q = q_emb[queries]
-            times = {"global cosine": _median(lambda: topk_search(q, gallery, 10), repeats)}
+            times = {"global cosine": median_seconds(lambda: topk_search(q, gallery, 10), repeats)}
             for k in Ks:
                 def screened(k=k):
                     _, cand = topk_search(q, gallery, k)
                     return _rerank(scorer, q_set, g_set, queries, cand % len(g_emb), direction == "i2t")
 
-                times[f"token screened K={k}"] = _median(screened, repeats)
+                times[f"token screened K={k}"] = median_seconds(screened, repeats)
             times["token exhaustive"] = pair_s * n_g * len(queries)
             for method, seconds in times.items():
                 rows.append({"gallery": f"duplicated {n_g:,}", "direction": direction, "method": method,

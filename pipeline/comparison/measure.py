@@ -1,8 +1,9 @@
-"""How the comparison tools measure: peak memory of a block of work, and the machine they ran on."""
+"""How the comparison tools measure: peak memory of a block of work, the median time of a call, the machine."""
 from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,13 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `fn` (one after the other, in this process)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

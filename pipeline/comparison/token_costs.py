@@ -15,11 +15,11 @@ paper's method; a Gaussian fitted to vectors says nothing about token sets):
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
 
+from pipeline.comparison.measure import median_seconds
 from pipeline.comparison.writers import size_label
 from pipeline.inference.encoding import EncodedSplit
 from pipeline.inference.runs import Run
@@ -58,14 +58,6 @@ def _sides(enc: EncodedSplit, direction: str):
     return (img, txt) if direction == "i2t" else (txt, img)
 
 
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
 
 @torch.inference_mode()
 def pair_costs(run: Run, enc: EncodedSplit, direction: str, queries: int, items: int, Ks, repeats: int = 3,
@@ -81,7 +73,7 @@ def pair_costs(run: Run, enc: EncodedSplit, direction: str, queries: int, items:
     def grid():
         return scorer(q, g) if direction == "i2t" else scorer(g, q)
 
-    out = {"pair_s": _timed(grid, repeats) / (len(q) * len(g))}
+    out = {"pair_s": median_seconds(grid, repeats) / (len(q) * len(g))}
     for k in Ks:
         cand = torch.from_numpy(rng.integers(0, len(g_side), (len(q), k)))
         flat_q = q_idx.repeat_interleave(k)
@@ -90,7 +82,7 @@ def pair_costs(run: Run, enc: EncodedSplit, direction: str, queries: int, items:
             pairs = (q_side[flat_q], g_side[cand.reshape(-1)])
             return scorer.pairs(*pairs) if direction == "i2t" else scorer.pairs(*reversed(pairs))
 
-        out[k] = _timed(rerank, repeats) / len(q)
+        out[k] = median_seconds(rerank, repeats) / len(q)
     return out
 
 

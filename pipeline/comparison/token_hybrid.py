@@ -11,7 +11,6 @@ On the test split only: token sets cannot be sampled as distractors from a fitte
 """
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.comparison.cascade import PrefixScreen
 from pipeline.comparison.hybrid_table import hybrid_row
+from pipeline.comparison.measure import median_seconds
 from pipeline.evaluation.hamming import hamming_topk
 from pipeline.evaluation.protocol import evaluate_blocks, feature_blocks
 from pipeline.evaluation.scores import prepare
@@ -34,14 +34,6 @@ TOKEN_HYBRID_NOTE = (
     "(`pipeline/evaluation/screened.py`); `global embedding (cosine)` is the run's own screened mode. On the test "
     "split only: token sets cannot be drawn as distractors.")
 
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def _screen_inputs(screener, enc: EncodedSplit):
@@ -91,7 +83,7 @@ def token_hybrid_rows(run: Run, enc: EncodedSplit, screeners: dict, Ks: Sequence
             return grid(q.tokens, q.mask, g_set.tokens, g_set.mask) if direction == "i2t" else \
                 grid(g_set.tokens, g_set.mask, q.tokens, q.mask)
 
-        ref_ms = 1000 * _median_seconds(exhaustive_time, repeats) / len(timed)
+        ref_ms = 1000 * median_seconds(exhaustive_time, repeats) / len(timed)
         ref = {f"R@{k}": exhaustive[f"{direction}_R@{k}"] for k in ks}
         rows.append(hybrid_row(direction, f"{ng:,}", "token exhaustive", run.scorer_name, ng, ref, 100.0, ref_ms,
                          None, None, ref, ref_ms, len(timed)))
@@ -140,7 +132,7 @@ def _top_k(qp, gp, measure, k):
 
 def _screen_ms(qp, gp, measure, timed, k, repeats) -> float:
     q = qp[timed]
-    return 1000 * _median_seconds(lambda: _top_k(q, gp, measure, k), repeats) / len(timed)
+    return 1000 * median_seconds(lambda: _top_k(q, gp, measure, k), repeats) / len(timed)
 
 
 def _rerank_ms(pairs, qp, gp, measure, timed, k, direction, repeats):
@@ -150,4 +142,4 @@ def _rerank_ms(pairs, qp, gp, measure, timed, k, direction, repeats):
     def rerank():
         return pairs(flat_q, cand.reshape(-1)) if direction == "i2t" else pairs(cand.reshape(-1), flat_q)
 
-    return 1000 * _median_seconds(rerank, repeats) / len(timed)
+    return 1000 * median_seconds(rerank, repeats) / len(timed)
