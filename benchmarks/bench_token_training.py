@@ -42,10 +42,11 @@ def one(config: str, batch: int, steps: int, warmup: int, threads: int, override
     from pipeline.comparison.measure import PeakRSS
     from pipeline.config import load_config
     from pipeline.data import RetrievalDataModule
-    from pipeline.training.build import build_module
+    from pipeline.training.build import build_module, complete_config
 
     torch.set_num_threads(threads)
-    cfg = load_config(config, [f"data.batch_size={batch}", "data.num_workers=0", "logger.wandb=false", *overrides])
+    cfg = complete_config(load_config(config, [f"data.batch_size={batch}", "data.num_workers=0", "logger.wandb=false",
+                                           *overrides]))
     dm = RetrievalDataModule(cfg.data, seed=0)
     torch.manual_seed(0)
     module = build_module(cfg, dm.card.num_images("train"), len(dm.tokenizer), dm.tokenizer.pad_token_id or 0)
