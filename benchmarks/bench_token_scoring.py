@@ -45,10 +45,19 @@ from pipeline.inference.encoding import encode_split  # noqa: E402
 from pipeline.inference.runs import load_run  # noqa: E402
 from pipeline.inference.scoring import split_metrics  # noqa: E402
 
+RERANK_PAIRS = 1 << 14  # (query, candidate) pairs scored at once: gathered token sets stay ~100s of MiB
 
 
 def _rerank(scorer, q_set, g_set, queries, cand, images_query: bool):
-    """Top 10 of each query's candidates by the token scorer (the candidates' token sets gathered)."""
+    """Top 10 of each query's candidates by the token scorer (the candidates' token sets gathered), in
+    chunks of queries so that memory does not grow with the number of queries."""
+    step = max(1, RERANK_PAIRS // cand.shape[1])
+    tops = [_rerank_chunk(scorer, q_set, g_set, queries[a:a + step], cand[a:a + step], images_query)
+            for a in range(0, len(queries), step)]
+    return torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])
+
+
+def _rerank_chunk(scorer, q_set, g_set, queries, cand, images_query: bool):
     flat_q = queries.repeat_interleave(cand.shape[1])
     pair = (q_set[flat_q], g_set[cand.reshape(-1)])
     scores = scorer.pairs(*pair) if images_query else scorer.pairs(*reversed(pair))
