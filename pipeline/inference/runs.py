@@ -59,7 +59,7 @@ class Run:
     def scorer_name(self) -> str | None:
         """The token scorer and its direction, e.g. `LateInteraction (both)`; None without one."""
         scorer = self.module.token_scorer
-        return None if scorer is None else f"{type(scorer).__name__} ({scorer.direction})"
+        return None if scorer is None else scorer.name
 
     @property
     def representation(self) -> str:

@@ -118,6 +118,11 @@ class TokenScorer(nn.Module):
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         self.direction, self.block_elements = direction, int(block_elements)
 
+    @property
+    def name(self) -> str:
+        """What the scorer is, as tables and model cards print it, e.g. `LateInteraction (both)`."""
+        return f"{type(self).__name__} ({self.direction})"
+
     def forward(self, images: TokenSet, texts: TokenSet) -> torch.Tensor:
         """Scores `[len(images), len(texts)]` of every image against every caption, block by block. With
         more captions than one block holds, captions of similar length share a block (cut to their own

@@ -42,7 +42,7 @@ class TokenAligner(FineGrainedAligner):
         self.val_metrics = TokenRetrievalMetrics(self.score_grid, score_pairs, tokens["val_scoring"], k, ks=self.ks)
         self.test_metrics = TokenRetrievalMetrics(self.score_grid, score_pairs, tokens["test_scoring"], k, ks=self.ks)
         screened = tokens["test_scoring"] == "screened"
-        name = f"{type(scorer).__name__} ({scorer.direction})"
+        name = scorer.name
         self.test_scoring = {
             "mode": tokens["test_scoring"], "screen_k": k if screened else None, "scorer": name,
             "description": (f"screened: the {embed_dim}-d global embedding's top {k} re-ranked by {name}, the rest "
