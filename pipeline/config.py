@@ -16,8 +16,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import config_tokens
-from pipeline.config_hash import HashConfig, hash_checks
+from pipeline import config_checks, config_tokens
+from pipeline.config_hash import HashConfig
 
 # configs/ at the top of a checkout; inside the package once installed from a wheel
 CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent /
@@ -83,6 +83,7 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | constant
     grad_clip: float = 1.0  # 0 disables
+    accum_steps: int = 1  # chunks of data.batch_size per optimizer step; negatives span all of them (GradCache)
 
 
 @dataclass
@@ -252,95 +253,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, allowed))}")
-    for ok, key, why in _checks(cfg):
+    unknown = [k for k in cfg.run.allow_changes if not _is_key(k)]
+    for ok, key, why in [*config_checks.checks(cfg), (not unknown, "run.allow_changes", f"names unknown keys: {unknown}")]:
         if not ok:
             raise ConfigError(f"config key '{key}' {why}")
-
-
-def _checks(cfg: DictConfig) -> list[tuple[bool, str, str]]:
-    d, m, h, a, o, t, r = cfg.data, cfg.model, cfg.hash, cfg.align, cfg.optim, cfg.trainer, cfg.run
-    img, txt = m.image_encoder, m.text_encoder
-    checks = [
-        (d.batch_size > 1, "data.batch_size", "must be at least 2 (contrastive losses need negatives)"),
-        (d.eval_batch_size > 0, "data.eval_batch_size", "must be positive"),
-        (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
-        (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
-        (d.steps_per_epoch is None or d.steps_per_epoch >= 1, "data.steps_per_epoch", "must be null or >= 1"),
-        (d.image_size > 0, "data.image_size", "must be positive"),
-        (d.max_text_len > 1, "data.max_text_len", "must be at least 2 (the special tokens)"),
-        (all(v is None or len(v) == 3 for v in (d.mean, d.std)), "data.mean/std", "need 3 values (RGB) or null"),
-        (d.std is None or all(v > 0 for v in d.std), "data.std", "must be positive"),
-        (m.bits > 0 and m.bits % 8 == 0, "model.bits",
-         f"must be a positive multiple of 8 (codes are packed into bytes), got {m.bits}"),
-        (m.embed_dim > 0, "model.embed_dim", "must be positive"),
-        (m.head_hidden > 0, "model.head_hidden", "must be positive"),
-        *hash_checks(h, m.bits),
-        (a.init_temperature > 0, "align.init_temperature", "must be positive"),
-        (a.max_logit_scale >= 1.0 / a.init_temperature, "align.max_logit_scale",
-         "must be at least 1 / align.init_temperature (the starting scale)"),
-        (a.margin >= 0, "align.margin", "must be >= 0"),
-        (o.lr > 0, "optim.lr", "must be positive"),
-        (o.weight_decay >= 0 and o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.weight_decay/warmup_steps/grad_clip",
-         "must be >= 0"),
-        (t.max_epochs >= -1 and t.max_steps >= -1, "trainer.max_epochs/max_steps", "must be >= -1 (-1: no limit)"),
-        (t.num_nodes > 0, "trainer.num_nodes", "must be positive"),
-        (devices_ok(t.devices), "trainer.devices",
-         f"is {t.devices!r}; Lightning takes a count (1, 2, ...), -1 (all), \"auto\", \"0,1\" or a list [0, 1]"),
-        (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1"),
-        (t.ckpt_every_n_steps >= 0, "trainer.ckpt_every_n_steps", "must be >= 0 (0 disables)"),
-        (limit_ok(t.limit_val_batches), "trainer.limit_val_batches",
-         "must be null, a fraction in (0, 1] or a number of batches >= 1"),
-        (limit_ok(t.limit_test_batches), "trainer.limit_test_batches",
-         "must be null, a fraction in (0, 1] or a number of batches >= 1"),
-        (0 <= r.seed < 2**32, "run.seed", "must be in [0, 2**32)"),
-        (bool(r.root), "run.root", "must name a folder"),
-        (r.monitor is None or str(r.monitor).startswith("val/"), "run.monitor",
-         "must be a validation metric, e.g. val/rsum or val/i2t_mAP@N"),
-        (not (unknown := [k for k in r.allow_changes if not _is_key(k)]), "run.allow_changes",
-         f"names unknown keys: {unknown}"),
-    ]
-    for side, enc in (("image", img), ("text", txt)):
-        checks += [
-            (bool(enc.name), f"model.{side}_encoder.name", "must name an encoder"),
-            (enc.width > 0 and enc.layers > 0 and enc.heads > 0, f"model.{side}_encoder.width/layers/heads",
-             "must be positive"),
-            (enc.name != "tiny_bert" or enc.width % enc.heads == 0, f"model.{side}_encoder.heads",
-             f"must divide model.{side}_encoder.width ({enc.width})"),
-        ]
-    open_clip = [enc.name.startswith("open_clip:") for enc in (img, txt)]
-    checks += [
-        (img.init is None or img.name == "cnn" or open_clip[0], "model.image_encoder.init",
-         "loads weights into the cnn or an open_clip tower (transformers models load theirs by name); set it to null"),
-        (img.init in (None, "shapes") or open_clip[0] or Path(img.init).expanduser().is_file(), "model.image_encoder.init",
-         f"is {img.init!r}: no such file; give a weights file, \"shapes\" (the built-in shapes backbone) or null"),
-        (txt.init is None or open_clip[1], "model.text_encoder.init",
-         "is for the cnn and open_clip towers only; transformers text models load their weights by name"),
-        (img.init_steps > 0, "model.image_encoder.init_steps", "must be positive"),
-    ]
-    return checks + config_tokens.checks(cfg)
-
-
-def devices_ok(devices) -> bool:
-    """What Lightning's Trainer(devices=...) accepts."""
-    if isinstance(devices, (bool, int)):
-        return not isinstance(devices, bool) and (devices >= 1 or devices == -1)
-    if isinstance(devices, str):
-        text = devices.strip()
-        if text in ("auto", "-1"):
-            return True
-        parts = [p.strip() for p in text.split(",")]
-        if len(parts) == 1:
-            return parts[0].isdigit() and int(parts[0]) >= 1
-        return all(p.isdigit() for p in parts if p) and any(parts)
-    if isinstance(devices, (list, ListConfig)):
-        return len(devices) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in devices)
-    return False
-
-
-def limit_ok(limit) -> bool:
-    if limit is None or isinstance(limit, bool):
-        return limit is None
-    return limit >= 1 if isinstance(limit, int) else isinstance(limit, float) and 0.0 < limit <= 1.0
 
 
 def _is_key(dotted: str) -> bool:
