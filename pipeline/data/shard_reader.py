@@ -69,8 +69,8 @@ class ShardReader:
         if location.startswith(PIPE):
             return CommandStream(location[len(PIPE):], self.timeout)
         if is_url(location):
-            return urllib.request.urlopen(urllib.request.Request(location, headers={"User-Agent": "fico-pipeline"}),
-                                          timeout=self.timeout)
+            return WholeBody(urllib.request.urlopen(urllib.request.Request(
+                location, headers={"User-Agent": "fico-pipeline"}), timeout=self.timeout))
         return open(location, "rb")
 
     def records(self, location: str, first: int, end: int, lost: Callable[[str, int, str], None]) -> Iterator[dict]:
@@ -127,6 +127,26 @@ def tar_records(stream, location: str) -> Iterator[dict]:
             tar.members = []  # a stream read: keep no index of what went by
     if sample is not None:
         yield sample
+
+
+class WholeBody:
+    """An HTTP response whose early end is an error: http.client's read(n) ends quietly where a server
+    closed the connection before its Content-Length, which tar reading would take for the archive's end."""
+
+    def __init__(self, response):
+        self.response, self.got = response, 0
+        length = response.headers.get("Content-Length")
+        self.length = int(length) if length and length.isdigit() else None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.response.read(size)
+        self.got += len(data)
+        if not data and size != 0 and self.length is not None and self.got < self.length:
+            raise http.client.IncompleteRead(b"", self.length - self.got)
+        return data
+
+    def close(self) -> None:
+        self.response.close()
 
 
 class CommandStream:
