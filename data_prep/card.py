@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .fsutil import atomic_write_bytes
-from .urls import describe, fetch, folder_url, is_url, url_in
+from .urls import describe_error, fetch, folder_url, is_url, url_in
 
 log = logging.getLogger("data_prep")
 
@@ -84,8 +84,8 @@ class DatasetCard:
             try:
                 source = fetch(root + CARD_NAME)
             except OSError as e:
-                raise DataError(f"cannot fetch {root}{CARD_NAME} ({describe(e)}): point data.root at a folder on a "
-                                f"server that holds a dataset made by `python -m data_prep ...`") from None
+                raise DataError(f"cannot fetch {root}{CARD_NAME} ({describe_error(e)}): point data.root at a folder "
+                                f"on a server that holds a dataset made by `python -m data_prep ...`") from None
         else:
             root = Path(root)
             if not (root / CARD_NAME).is_file():
@@ -142,7 +142,7 @@ class DatasetCard:
         try:
             return fetch(url)
         except OSError as e:
-            raise DataError(f"cannot fetch {url} ({describe(e)})") from None
+            raise DataError(f"cannot fetch {url} ({describe_error(e)})") from None
 
     def first_index(self, split: str) -> list[int]:
         """wds layout: the split index of each shard's first record, in shard order (records carry none)."""

@@ -51,7 +51,7 @@ def fetch(url: str, timeout: float = FETCH_TIMEOUT_S) -> bytes:
         return response.read()
 
 
-def describe(error: Exception) -> str:
+def describe_error(error: Exception) -> str:
     """One line for a failed fetch: `HTTP 404 Not Found`, `connection refused`, ..."""
     if isinstance(error, urllib.error.HTTPError):
         return f"HTTP {error.code} {error.reason}"

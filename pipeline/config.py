@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import config_checks, config_tokens
+from pipeline.config_checks import PIPE, template_problem  # noqa: F401 (for the data stream: a command handed to it)
 from pipeline.config_hash import HashConfig
 
 # configs/ at the top of a checkout; inside the package once installed from a wheel

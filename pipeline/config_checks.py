@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import ListConfig
 
-from data_prep.urls import is_url
+from data_prep import is_url
 from pipeline import config_tokens
 from pipeline.config_hash import hash_checks
 

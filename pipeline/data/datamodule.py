@@ -7,8 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
-from data_prep import DataError, DatasetCard, build_shapes
-from data_prep.urls import is_url
+from data_prep import DataError, DatasetCard, build_shapes, is_url
 from pipeline.data.records import image_transform
 from pipeline.data.shard_reader import ShardReader
 from pipeline.data.stream import SharedEpoch, build_stream

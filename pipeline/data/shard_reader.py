@@ -24,10 +24,8 @@ import time
 import urllib.request
 from typing import Callable, Iterator
 
-from data_prep import DataError, DatasetCard
-from data_prep.urls import describe, is_url, safe_name
-from data_prep.wds import split_key
-from pipeline.config_checks import PIPE, template_problem
+from data_prep import DataError, DatasetCard, describe_error, is_url, safe_name, split_key
+from pipeline.config import PIPE, template_problem
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +85,7 @@ class ShardReader:
                     yield sample
                 return
             except READ_ERRORS as e:
-                why = describe(e)
+                why = describe_error(e)
                 log.info("%s: read failed at record %d (%s), try %d of %d", location, position, why, attempt + 1, tries)
         log.warning("%s: unreadable after %d tries (%s): %d records skipped", location, tries, why, end - position)
         lost(location, end - position, why)
