@@ -78,18 +78,19 @@ def loader_rate(root, batch: int, workers: int, samples: int, seed: int) -> floa
     return rate
 
 
-def run_rate(root, work: Path, name: str, batch: int, steps: int, workers: int) -> float:
+def run_rate(root, work: Path, runs: Path, name: str, batch: int, steps: int, workers: int) -> float:
     """The median samples/s a short training run logs (every 5 steps; the first window left out)."""
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     args = ["--config", "hash_64bit.yaml", f"data.root={root}", f"data.batch_size={batch}", "trainer.max_epochs=1",
             f"data.steps_per_epoch={steps}", f"data.num_workers={workers}", "trainer.log_every_n_steps=5",
             "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "logger.wandb=false",
-            f"run.root={work}", f"run.name={name}"]
+            f"run.root={runs}", f"run.name={name}"]
+    # from --work: the shapes backbone is cached in its data/backbones once for every run
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=work, env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise SystemExit(f"train.py failed: {proc.stderr[-2000:]}")
-    with open(work / name / "csv" / "metrics.csv") as f:
+    with open(runs / name / "csv" / "metrics.csv") as f:
         rates = [float(r["train/samples_per_sec"]) for r in csv.DictReader(f) if r.get("train/samples_per_sec")]
     return statistics.median(rates[1:] or rates)
 
@@ -122,7 +123,7 @@ def main() -> None:
                     loader.setdefault((where, workers), []).append(r)
                     print(f"  rep {rep} loader {where:>6} workers={workers}: {r:8.1f} samples/s", flush=True)
             for where, root in (("folder", folder), ("http", url)):
-                r = run_rate(root, runs_dir, f"{where}-{rep}", args.batch, args.steps, max(args.workers))
+                r = run_rate(root, args.work, runs_dir, f"{where}-{rep}", args.batch, args.steps, max(args.workers))
                 runs.setdefault(where, []).append(r)
                 print(f"  rep {rep} train.py {where:>6}: {r:8.1f} samples/s", flush=True)
     finally:

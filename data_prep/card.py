@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .fsutil import atomic_write_bytes
@@ -75,7 +75,7 @@ class DatasetCard:
     splits: dict
     features: dict | None = None  # feature shards: {"image_dim", "text_dim", "source_config", ...}
     layout: str = "fico"  # "wds": shards made by others, read where they are (data_prep/wds.py)
-    source: bytes = b""  # the card's own bytes (what provenance hashes)
+    source: bytes = field(default=b"", repr=False)  # the card's own bytes (what provenance hashes)
 
     @classmethod
     def read(cls, root: str | Path) -> "DatasetCard":

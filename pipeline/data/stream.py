@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 
-from data_prep import WDS_LAYOUT, DatasetCard
+from data_prep import WDS_LAYOUT, DataError, DatasetCard
 from pipeline.data.records import Collate, RandomCrop, RecordDecoder
 from pipeline.data.seeds import SharedEpoch, stream_seed, worker_slot
 from pipeline.data.shard_reader import ShardReader
@@ -63,15 +63,23 @@ def epoch_records(sizes: dict[str, int], seed: int, epoch: SharedEpoch, rank: in
     By default one pass: every training record once across all ranks and workers (UCCH's memory bank
     expects every item to be visited once an epoch), after which `PadForever` tops the last batch up.
     With `fixed_steps` (data.steps_per_epoch) pass follows pass, each in a fresh order, until the
-    loader has its steps."""
+    loader has its steps. A pass of which not one record could be read stops the run with a DataError
+    (a server that is down): with nothing to top up, this rank would take fewer steps than the others."""
 
     def stream():
         worker, workers = worker_slot()
         streams, me = world * workers, rank * workers + worker
         for p in itertools.count() if fixed_steps else (0,):
+            read, failed = 0, []
             for url, first, end in shard_runs(sizes, streams, seed, epoch.get() * 1_000_003 + p)[me]:
-                yield from reader.records(url, first, end, lost)  # wds-layout records get their index from
-                # their __position__
+                # wds-layout records get their index from their __position__
+                for sample in reader.records(url, first, end, lambda *a: (failed.append(a), lost(*a))):
+                    read += 1
+                    yield sample
+            if failed and not read:
+                url, _, why = failed[-1]
+                raise DataError(f"no training record of this rank's share could be read ({len(failed)} shard(s) "
+                                f"failed, e.g. {url}: {why}): is the server or data.shard_url_command reachable?")
 
     return stream
 

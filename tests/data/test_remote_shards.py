@@ -72,6 +72,16 @@ def test_a_shard_that_keeps_failing_is_skipped_counted_and_every_rank_takes_its_
     assert "train-000003.tar: unreadable after 3 tries (HTTP 404 gone): 32 records skipped" in caplog.text
 
 
+def test_a_server_that_is_down_stops_the_run_in_one_line_rather_than_unbalance_the_ranks(shapes_tiny):
+    faults = Faults()
+    with serve_folder(shapes_tiny, faults) as (url, _):
+        card = DatasetCard.read(url)
+        for name in card.shard_names("train"):
+            faults.add(name, "404")
+        with pytest.raises(DataError, match="no training record of this rank's share could be read .*HTTP 404"):
+            _read(card, "train", ShardReader(retries=0), train=True, batch=8)
+
+
 def test_a_command_reads_shards_named_by_the_card(shapes_tiny, tmp_path):
     """data.shard_url_command runs the user's command per shard (`cat` standing in for `aws s3 cp`); one
     that exits non-zero is a failed read, skipped and counted."""
