@@ -91,7 +91,9 @@ def run_rate(root, work: Path, runs: Path, name: str, batch: int, steps: int, wo
     if proc.returncode != 0:
         raise SystemExit(f"train.py failed: {proc.stderr[-2000:]}")
     with open(runs / name / "csv" / "metrics.csv") as f:
-        rates = [float(r["train/samples_per_sec"]) for r in csv.DictReader(f) if r.get("train/samples_per_sec")]
+        rows = list(csv.DictReader(f))
+    key = next(k for k in rows[0] if k.startswith("train/samples_per_s"))  # the throughput the run logs
+    rates = [float(r[key]) for r in rows if r.get(key)]
     return statistics.median(rates[1:] or rates)
 
 

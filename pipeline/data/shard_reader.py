@@ -86,7 +86,8 @@ class ShardReader:
                 return
             except READ_ERRORS as e:
                 why = describe_error(e)
-                log.info("%s: read failed at record %d (%s), try %d of %d", location, position, why, attempt + 1, tries)
+                log.warning("%s: read failed at record %d (%s), try %d of %d", location, position, why, attempt + 1,
+                            tries)
         log.warning("%s: unreadable after %d tries (%s): %d records skipped", location, tries, why, end - position)
         lost(location, end - position, why)
 
