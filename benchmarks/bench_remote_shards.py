@@ -59,8 +59,10 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the HTTP server did not start")
 
 
-def loader_rate(root, batch: int, workers: int, samples: int, seed: int) -> float:
-    """Samples/s of the training stream after its first batch (worker start-up apart)."""
+def loader_rate(root, batch: int, workers: int, samples: int, seed: int) -> tuple[float, float]:
+    """Samples/s of the training stream after its first batch (worker start-up apart), and the CPU ms per
+    sample of this process (with 0 workers all the reading and decoding; the server's own work is in
+    its process, as it would be on another machine): CPU time does not depend on what the neighbours do."""
     card = DatasetCard.read(root)
     loader, _ = build_stream(card, "train", train=True, batch_size=batch, rank=0, world=1, num_workers=workers,
                              seed=seed, epoch=SharedEpoch(), tokenizer=load_tokenizer(card), max_text_len=48,
@@ -68,14 +70,14 @@ def loader_rate(root, batch: int, workers: int, samples: int, seed: int) -> floa
                              steps_per_epoch=samples // batch + 1)
     it = iter(loader)
     next(it)
-    start, seen = time.perf_counter(), 0
+    start, cpu, seen = time.perf_counter(), time.process_time(), 0
     for b in it:
         seen += len(b["image_ids"])
         if seen >= samples:
             break
-    rate = seen / (time.perf_counter() - start)
+    rate, cpu_ms = seen / (time.perf_counter() - start), 1e3 * (time.process_time() - cpu) / seen
     del it
-    return rate
+    return rate, cpu_ms
 
 
 def run_rate(root, work: Path, runs: Path, name: str, batch: int, steps: int, workers: int) -> float:
@@ -116,14 +118,16 @@ def main() -> None:
     server, url = start_server(folder)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; shapes served at {url}; "
           f"batch {args.batch}, medians of {args.reps}", flush=True)
-    loader, runs = {}, {}
+    loader, cpu, runs = {}, {}, {}
     try:
         for rep in range(args.reps):
             for workers in args.workers:
                 for where, root in (("folder", folder), ("http", url)):
-                    r = loader_rate(root, args.batch, workers, args.samples, rep)
+                    r, cpu_ms = loader_rate(root, args.batch, workers, args.samples, rep)
                     loader.setdefault((where, workers), []).append(r)
-                    print(f"  rep {rep} loader {where:>6} workers={workers}: {r:8.1f} samples/s", flush=True)
+                    cpu.setdefault((where, workers), []).append(cpu_ms)
+                    print(f"  rep {rep} loader {where:>6} workers={workers}: {r:8.1f} samples/s, "
+                          f"{cpu_ms:.2f} CPU ms/sample here", flush=True)
             for where, root in (("folder", folder), ("http", url)):
                 r = run_rate(root, args.work, runs_dir, f"{where}-{rep}", args.batch, args.steps, max(args.workers))
                 runs.setdefault(where, []).append(r)
@@ -132,12 +136,20 @@ def main() -> None:
         server.kill()
         server.wait()
     med = statistics.median
-    print(f"\n| measurement | folder (samples/s) | HTTP, 127.0.0.1 (samples/s) | HTTP / folder |\n|---|---|---|---|")
+    print(f"\n| measurement | folder (samples/s) | HTTP, 127.0.0.1 (samples/s) | HTTP / folder | HTTP / folder, "
+          f"each rep |\n|---|---|---|---|---|")
+
+    def row(label, f_all, h_all, fmt=".0f"):
+        f, h = med(f_all), med(h_all)
+        reps = ", ".join(f"{b / a:.2f}" for a, b in zip(f_all, h_all))
+        print(f"| {label} | {f:{fmt}} | {h:{fmt}} | {h / f:.2f}x | {reps} |")
+
     for workers in args.workers:
-        f, h = med(loader[("folder", workers)]), med(loader[("http", workers)])
-        print(f"| training loader, {workers} workers | {f:.0f} | {h:.0f} | {h / f:.2f}x |")
-    f, h = med(runs["folder"]), med(runs["http"])
-    print(f"| train.py hash_64bit, {max(args.workers)} workers | {f:.0f} | {h:.0f} | {h / f:.2f}x |")
+        row(f"training loader, {workers} workers", loader[("folder", workers)], loader[("http", workers)])
+    row(f"train.py hash_64bit, {max(args.workers)} workers", runs["folder"], runs["http"])
+    if 0 in args.workers:
+        row("CPU ms per sample, loader with 0 workers (lower is better)", cpu[("folder", 0)], cpu[("http", 0)],
+            ".2f")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
