@@ -187,13 +187,15 @@ def test_checkpointed_token_scoring_keeps_scores_and_gradients(name):
 
 
 def test_train_py_with_accumulation_counts_optimizer_steps(tmp_path, shapes_tiny):
-    """The real entry point: a token-level run at accum_steps=2 trains (batches of 2 x 16 rows, one optimizer
-    step each), tests, and its checkpoint's global step counts optimizer steps, not chunks."""
+    """The real entry point on 2 gloo ranks (Lightning's DDP, manual backward, no_sync on the first chunk): a
+    token-level run at accum_steps=2 trains (batches of 2 x 16 rows a rank, one optimizer step each), tests,
+    and its checkpoint's global step counts optimizer steps, not chunks."""
     args = ["--config", "fine_grained_tokens.yaml", f"data.root={shapes_tiny}", f"run.root={tmp_path}",
             "data.batch_size=16", "optim.accum_steps=2", "data.steps_per_epoch=3", "trainer.max_epochs=1",
             "data.num_workers=0", "model.image_encoder.width=16", "model.image_encoder.init=null",
             "model.text_encoder.width=16", "model.head_hidden=32", "tokens.dim=16", "logger.wandb=false",
-            "trainer.log_every_n_steps=1", "optim.warmup_steps=1"]
+            "trainer.log_every_n_steps=1", "optim.warmup_steps=1", "trainer.devices=2", "trainer.strategy=ddp",
+            "trainer.accelerator=cpu"]
     proc = run_train(args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "fine_grained_tokens"
