@@ -27,7 +27,11 @@ class RetrievalModule(L.LightningModule):
     forward pass) and sets `token_scorer` (`token_scorer(images, texts)` scores token sets) and
     `test_scoring` (how its test split is scored, written to the run folder); for the other families they
     are None. A model with nested codes lists their lengths in `prefixes`; `gallery_features(x, bits=L)`
-    then gives the first L bits' packed codes."""
+    then gives the first L bits' packed codes.
+
+    Training splits the step in two: `represent(batch)` (the forward pass: what the objective reads) and
+    `training_loss(reps, batch)`; a family whose objective reads more than the two embeddings (token sets)
+    overrides both. The split is what lets `optim.accum_steps` cache the representations (grad_cache.py)."""
 
     measure = "cosine"
     ks: tuple[int, ...] = (1, 5, 10)
