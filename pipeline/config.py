@@ -209,6 +209,10 @@ def _check_keys(user: dict, schema: type, prefix: str = "") -> None:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key, value in user.items():
         full = f"{prefix}{key}"
+        if full == "trainer.accumulate_grad_batches":  # Lightning's: per-chunk losses, no pooled negatives
+            raise ConfigError("'trainer.accumulate_grad_batches' sums per-chunk losses, each seeing only its own "
+                              "chunk's negatives: use optim.accum_steps=N (one step over N chunks of "
+                              "data.batch_size whose loss sees the negatives of all of them)")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=3)
             hint = f"did you mean {' or '.join(repr(prefix + c) for c in close)}? " if close else ""

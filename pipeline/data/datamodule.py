@@ -94,11 +94,12 @@ def resolve_dataset(cfg_data) -> Path | str:
 class RetrievalDataModule(L.LightningDataModule):
     """Shards of one dataset for train / val / test; rank and world size come from the trainer.
     `tokenizer`: the text encoder's own when it has one (open_clip's), else the dataset's (or
-    data.tokenizer)."""
+    data.tokenizer). `accum_steps`: chunks of data.batch_size in one training batch (optim.accum_steps:
+    the module cuts it; a step of the loader is an optimizer step)."""
 
-    def __init__(self, cfg_data, seed: int = 0, tokenizer=None):
+    def __init__(self, cfg_data, seed: int = 0, tokenizer=None, accum_steps: int = 1):
         super().__init__()
-        self.cfg, self.seed = cfg_data, seed
+        self.cfg, self.seed, self.accum_steps = cfg_data, seed, accum_steps
         self.reader = ShardReader.from_config(cfg_data)  # before the card: a bad command fails first
         self.card = DatasetCard.read(resolve_dataset(cfg_data))
         if tokenizer is None:
@@ -126,7 +127,7 @@ class RetrievalDataModule(L.LightningDataModule):
     def _stream(self, split: str, train: bool):
         rank, world = self._rank_world()
         loader, n = build_stream(
-            self.card, split, train=train, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
+            self.card, split, train=train, batch_size=self.cfg.batch_size * self.accum_steps if train else self.cfg.eval_batch_size,
             rank=rank, world=world, num_workers=self.cfg.num_workers, seed=self.seed, epoch=self.epoch,
             tokenizer=self.tokenizer, max_text_len=self.cfg.max_text_len, transform=self.transform,
             shuffle_buffer=self.cfg.shuffle_buffer, steps_per_epoch=self.cfg.steps_per_epoch, augment=self.cfg.augment,

@@ -65,7 +65,7 @@ def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int =
     text_init = cfg.model.text_encoder.init if load_init else None
     text_encoder = build_text_encoder(cfg.model.text_encoder, vocab_size, cfg.data.max_text_len, pad_token_id,
                                       text_init)
-    optim = {k: cfg.optim[k] for k in ("lr", "weight_decay", "warmup_steps", "schedule")}
+    optim = {k: cfg.optim[k] for k in ("lr", "weight_decay", "warmup_steps", "schedule", "grad_clip", "accum_steps")}
     if cfg.model.kind == "fine_grained":
         a = cfg.align
         return FineGrainedAligner(image_encoder, text_encoder, optim, cfg.model.embed_dim, cfg.model.head_hidden,

@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     from pipeline.data import DataError, RetrievalDataModule, check_model_inputs
 
     try:
-        datamodule = RetrievalDataModule(cfg.data, seed=cfg.run.seed, tokenizer=model_tokenizer(cfg))
+        datamodule = RetrievalDataModule(cfg.data, seed=cfg.run.seed, tokenizer=model_tokenizer(cfg),
+                                         accum_steps=cfg.optim.accum_steps)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,12 +6,14 @@ compares: embeddings, or packed codes). Token-level families also return token s
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import lightning as L
 import torch
 from torch import nn
 
 from pipeline.evaluation.metric import RetrievalMetrics
+from pipeline.training.grad_cache import cached_backward
 
 
 class RetrievalModule(L.LightningModule):
@@ -25,7 +27,11 @@ class RetrievalModule(L.LightningModule):
     forward pass) and sets `token_scorer` (`token_scorer(images, texts)` scores token sets) and
     `test_scoring` (how its test split is scored, written to the run folder); for the other families they
     are None. A model with nested codes lists their lengths in `prefixes`; `gallery_features(x, bits=L)`
-    then gives the first L bits' packed codes."""
+    then gives the first L bits' packed codes.
+
+    Training splits the step in two: `represent(batch)` (the forward pass: what the objective reads) and
+    `training_loss(reps, batch)`; a family whose objective reads more than the two embeddings (token sets)
+    overrides both. The split is what lets `optim.accum_steps` cache the representations (grad_cache.py)."""
 
     measure = "cosine"
     ks: tuple[int, ...] = (1, 5, 10)
@@ -38,6 +44,9 @@ class RetrievalModule(L.LightningModule):
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optim: dict):
         super().__init__()
         self.image_encoder, self.text_encoder, self.optim = image_encoder, text_encoder, optim
+        # optim.accum_steps > 1: each training batch is that many chunks, one optimizer step (grad_cache.py)
+        self.accum_steps = optim.get("accum_steps", 1)
+        self.automatic_optimization = self.accum_steps == 1
         self.val_metrics = RetrievalMetrics(measure=self.measure, ks=self.ks)
         self.test_metrics = RetrievalMetrics(measure=self.measure, ks=self.ks)
         self.test_results: dict[str, float] = {}
@@ -80,13 +89,38 @@ class RetrievalModule(L.LightningModule):
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_images(batch["images"]), self.encode_texts(batch["text"])
 
+    def represent(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """What the training objective reads of a batch's inputs (`images`, `text`), from one forward pass."""
+        return self.embed(batch)
+
+    def training_loss(self, reps: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict]:
+        """(loss, parts to log) of `represent`'s output for the whole batch."""
+        return self.objective(*reps, batch)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        img, txt = self.embed(batch)
-        loss, parts = self.objective(img, txt, batch)
-        check_finite(loss, self.global_step)
+        if self.automatic_optimization:
+            loss, parts = self.training_loss(self.represent(batch), batch)
+            check_finite(loss, self.global_step)
+        else:
+            loss, parts = self.accumulated_step(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items()})
         return loss
+
+    def accumulated_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """One optimizer step over the batch's `accum_steps` chunks, negatives from all of them (GradCache);
+        clipping and the schedule once per optimizer step, as in automatic optimization."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)  # DDP: all-reduce once
+        loss, parts = cached_backward(self, self.represent, self.training_loss, batch, self.accum_steps,
+                                      self.manual_backward, no_sync)
+        check_finite(loss, self.global_step)
+        if self.optim.get("grad_clip"):
+            self.clip_gradients(opt, gradient_clip_val=self.optim["grad_clip"], gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return loss, parts
 
     def _eval_step(self, batch: dict, metrics: RetrievalMetrics) -> None:
         img, txt = self.embed(batch)

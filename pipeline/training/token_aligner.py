@@ -34,6 +34,7 @@ class TokenAligner(FineGrainedAligner):
                                           getattr(image_encoder, "token_positions", None))
         self.text_token_head = TokenHead(getattr(text_encoder, "token_dim", text_encoder.out_dim), tokens["dim"])
         self.token_scorer = scorer
+        scorer.checkpointed = self.accum_steps > 1  # a large batch's token loss in blocks (its memory: docs)
         self.token_logit_scale = nn.Parameter(torch.tensor(math.log(1 / tokens["init_temperature"])))
         self.token_loss, self.token_margin = tokens["loss"], tokens["margin"]
         self.token_max_log_scale, self.global_weight = math.log(tokens["max_logit_scale"]), tokens["global_weight"]
@@ -94,16 +95,19 @@ class TokenAligner(FineGrainedAligner):
             out.append(self.token_scorer.pairs(*pairs).float().reshape(-1, depth).cpu())
         return torch.cat(out)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def represent(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """The global embeddings and both token sets (tokens, mask), from one forward pass."""
         img, img_set = self.encode_images_with_tokens(batch["images"])
         txt, txt_set = self.encode_texts_with_tokens(batch["text"])
+        return img, txt, img_set.tokens, img_set.mask, txt_set.tokens, txt_set.mask
+
+    def training_loss(self, reps: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict]:
+        img, txt, img_tokens, img_mask, txt_tokens, txt_mask = reps
         global_loss, parts = self.objective(img, txt, batch)
-        token_loss, token_parts = self.token_objective(img_set, txt_set, batch["image_ids"])
-        loss = token_loss + self.global_weight * global_loss
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({"train/global_loss": global_loss.detach(), "train/token_loss": token_loss.detach(),
-                       **{f"train/{k}": v for k, v in {**parts, **token_parts}.items()}})
-        return loss
+        token_loss, token_parts = self.token_objective(TokenSet(img_tokens, img_mask), TokenSet(txt_tokens, txt_mask),
+                                                       batch["image_ids"])
+        return token_loss + self.global_weight * global_loss, {
+            "global_loss": global_loss.detach(), "token_loss": token_loss.detach(), **parts, **token_parts}
 
     def token_objective(self, img_set: TokenSet, txt_set: TokenSet, ids: torch.Tensor):
         """The token loss of this rank's rows against every rank's items."""

@@ -72,7 +72,8 @@ def build_trainer(cfg, run_dir: Path, monitor: str, extra_callbacks=()) -> L.Tra
         default_root_dir=str(run_dir), max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=trainer_devices(cfg), num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, logger=logger,
         callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0,
-        gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False,
+        # with optim.accum_steps > 1 the module steps the optimizer itself and clips there
+        gradient_clip_val=(cfg.optim.grad_clip or None) if cfg.optim.accum_steps == 1 else None, use_distributed_sampler=False,
         limit_val_batches=t.limit_val_batches, limit_test_batches=t.limit_test_batches,
         plugins=[AtomicCheckpointIO(), *cluster_plugins])
 
