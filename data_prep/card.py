@@ -152,18 +152,22 @@ class DatasetCard:
         return int(self.splits[split]["num_images"])
 
     def shard_sizes(self, split: str) -> dict[str, int]:
-        """Records per shard (path -> count), from the card, or counted in the tars for older local cards
-        (a card on a server must say: counting would read every shard before the first step)."""
-        urls = self.shards(split)
+        """Records per shard (path -> count), from the card, or counted in the tars for older local cards."""
+        return dict(zip(self.shards(split), self.record_counts(split)))
+
+    def record_counts(self, split: str) -> list[int]:
+        """Records per shard in shard order, from the card; an older card without them is counted in its
+        folder's tars, which a card on a server (or whose shards a command reads) cannot be: counting would
+        read every shard before the first step."""
         sizes = self.splits[split].get("shard_sizes")
-        if (sizes is None or len(sizes) != len(urls)) and self.remote:
-            raise DataError(f"{self.where(self.root)} gives no shard_sizes for split '{split}' (an older data_prep "
-                            f"made it): re-make the card with `python -m data_prep ...`, or train from a copy of "
-                            f"the folder on disk")
-        if sizes is None or len(sizes) != len(urls):
-            sizes = [count_records(u) for u in urls]
+        if sizes is None or len(sizes) != len(self.shard_names(split)):
+            if self.remote or not all((Path(self.root) / n).is_file() for n in self.shard_names(split)):
+                raise DataError(f"{self.where(self.root)} gives no shard_sizes for split '{split}' (an older "
+                                f"data_prep made it): re-make the card with `python -m data_prep ...`, or train "
+                                f"from a copy of the folder with its shards on disk")
+            sizes = [count_records(u) for u in self.shards(split)]
             self.splits[split]["shard_sizes"] = sizes  # once per process
-        return dict(zip(urls, map(int, sizes)))
+        return [int(n) for n in sizes]
 
     def labelled(self, split: str) -> bool:
         """Whether the split's records carry category labels (category-level mAP needs them)."""

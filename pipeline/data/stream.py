@@ -143,7 +143,7 @@ def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int,
     `reader`: where shards are read from (default: the card's folder, on disk or on a server)."""
     reader = reader or ShardReader()
     urls = reader.locations(card, split)
-    sizes = dict(zip(urls, card.shard_sizes(split).values()))  # from the card: known before any read
+    sizes = dict(zip(urls, card.record_counts(split)))  # from the card: known before any read
     if train and augment == "crop":
         transform = RandomCrop(transform, seed, epoch, rank)
     decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features),

@@ -85,9 +85,14 @@ def test_a_server_that_is_down_stops_the_run_in_one_line_rather_than_unbalance_t
 def test_a_command_reads_shards_named_by_the_card(shapes_tiny, tmp_path):
     """data.shard_url_command runs the user's command per shard (`cat` standing in for `aws s3 cp`); one
     that exits non-zero is a failed read, skipped and counted."""
-    card = DatasetCard.read(shapes_tiny)
+    (tmp_path / "card").mkdir()  # the card and tokenizer on disk, the shards elsewhere
+    for name in ("dataset.json", "tokenizer.json"):
+        shutil.copy(shapes_tiny / name, tmp_path / "card")
+    card = DatasetCard.read(tmp_path / "card")
     through_cat = ShardReader(f"pipe:cat {shapes_tiny}/{{shard}}", **FAST)
-    assert _read(card, "val", through_cat, train=False) == _read(card, "val", ShardReader(), train=False)
+    for split, train in (("train", True), ("val", False)):
+        assert _read(card, split, through_cat, train=train) == \
+            _read(DatasetCard.read(shapes_tiny), split, ShardReader(), train=train)
     (tmp_path / "store").mkdir()  # an object store that lost the second validation shard
     shutil.copy(shapes_tiny / "val-000000.tar", tmp_path / "store")
     ids, skipped, _ = _read(card, "val", ShardReader(f"pipe:cat {tmp_path}/store/{{shard}}", **FAST), train=False)
