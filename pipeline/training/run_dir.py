@@ -53,10 +53,10 @@ def resolve_run_dir(cfg) -> Path:
 
 def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of this run directory: made once when the directory is new (a W&B sweep agent's
-    WANDB_RUN_ID when it set one, with its WANDB_SWEEP_ID, else random), then read back, so that a resumed or requeued job
-    continues its run while a deleted and re-made directory starts a new one. Every rank calls this;
-    the first to create the file wins (hard link of a complete file: never half-written), the others
-    read it."""
+    WANDB_RUN_ID when it set one, with its WANDB_SWEEP_ID, else random), then read back, so that a resumed
+    or requeued job continues its run while a deleted and re-made directory starts a new one. Every rank
+    calls this; the first to create the file wins (hard link of a complete file: never half-written), the
+    others read it."""
     path = run_dir / WANDB_ID_FILE
     if not path.is_file():
         # a sweep agent sets both; WANDB_RUN_ID alone is likely left over in the shell, and would join
