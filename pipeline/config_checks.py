@@ -39,7 +39,8 @@ def checks(cfg) -> list[tuple[bool, str, str]]:
         (t.max_epochs >= -1 and t.max_steps >= -1, "trainer.max_epochs/max_steps", "must be >= -1 (-1: no limit)"),
         (t.num_nodes > 0, "trainer.num_nodes", "must be positive"),
         (devices_ok(t.devices), "trainer.devices",
-         f"is {t.devices!r}; Lightning takes a count (1, 2, ...), -1 (all), \"auto\", \"0,1\" or a list [0, 1] (each device once)"),
+         f"is {t.devices!r}; Lightning takes a count (1, 2, ...), -1 (all), \"auto\", \"0,1\" or a list [0, 1] "
+         f"(each device once)"),
         (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1"),
         (t.ckpt_every_n_steps >= 0, "trainer.ckpt_every_n_steps", "must be >= 0 (0 disables)"),
         (limit_ok(t.limit_val_batches), "trainer.limit_val_batches",
