@@ -226,7 +226,11 @@ def _parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError("'base' cannot be set on the command line (it names a YAML file's parent): train "
                               "another experiment with --config NAME.yaml, or write a YAML file with "
                               "`base: NAME.yaml` and your changes")
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:  # e.g. `optim.lr=[`: the value is parsed as YAML, as in a config file
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                              f"quote it for a string (key='\"...\"') or close the brackets") from None
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -39,7 +39,8 @@ def checks(cfg) -> list[tuple[bool, str, str]]:
         (t.max_epochs >= -1 and t.max_steps >= -1, "trainer.max_epochs/max_steps", "must be >= -1 (-1: no limit)"),
         (t.num_nodes > 0, "trainer.num_nodes", "must be positive"),
         (devices_ok(t.devices), "trainer.devices",
-         f"is {t.devices!r}; Lightning takes a count (1, 2, ...), -1 (all), \"auto\", \"0,1\" or a list [0, 1]"),
+         f"is {t.devices!r}; Lightning takes a count (1, 2, ...), -1 (all), \"auto\", \"0,1\" or a list [0, 1] "
+         f"(each device once)"),
         (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1"),
         (t.ckpt_every_n_steps >= 0, "trainer.ckpt_every_n_steps", "must be >= 0 (0 disables)"),
         (limit_ok(t.limit_val_batches), "trainer.limit_val_batches",
@@ -83,9 +84,11 @@ def devices_ok(devices) -> bool:
         parts = [p.strip() for p in text.split(",")]
         if len(parts) == 1:
             return parts[0].isdigit() and int(parts[0]) >= 1
-        return all(p.isdigit() for p in parts if p) and any(parts)
-    if isinstance(devices, (list, ListConfig)):
-        return len(devices) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in devices)
+        listed = [p for p in parts if p]
+        return all(p.isdigit() for p in listed) and any(parts) and len(set(map(int, listed))) == len(listed)
+    if isinstance(devices, (list, ListConfig)):  # device indices: each once (a device twice is two ranks on one GPU)
+        return (len(devices) > 0 and len(set(devices)) == len(devices)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in devices))
     return False
 
 

@@ -3,12 +3,14 @@ decoded in DataLoader workers with a run's own evaluation preprocessing.
 
 Never read outside the folder: a link (to a file or a folder) that leads outside it is skipped as
 `outside_folder`, and a linked folder inside it as `linked_folder` (its files are read where they
-are). A file that cannot be opened is `unreadable`, one that is not an image `not_an_image`, an image
-that fails to decode `corrupt`. Skipped files are counted and listed, never fatal.
+are). A FIFO, socket or device is `not_a_file` (reading one could wait forever). A file that cannot be
+opened is `unreadable`, one that is not an image `not_an_image`, an image that fails to decode `corrupt`.
+Skipped files are counted and listed, never fatal.
 """
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +25,15 @@ def _inside(path: Path, root: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _regular(path: Path) -> bool:
+    """Whether `path` (a link followed) is a regular file; one that cannot be looked at counts as one, for
+    load_image to say what is wrong with it."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return True
 
 
 def scan_images(folder) -> tuple[list[str], list[tuple[str, str]]]:
@@ -44,6 +55,8 @@ def scan_images(folder) -> tuple[list[str], list[tuple[str, str]]]:
             path = here / name
             if path.is_symlink() and not _inside(path, real_root):
                 skipped.append((path.relative_to(root).as_posix(), "outside_folder"))
+            elif not _regular(path):
+                skipped.append((path.relative_to(root).as_posix(), "not_a_file"))
             else:
                 files.append(path.relative_to(root).as_posix())
     return sorted(files), sorted(skipped)

@@ -30,10 +30,12 @@ import torch
 
 from pipeline.cli import progress_bar
 from pipeline.inference.folder import image_batches, load_image, scan_images
-from pipeline.inference.index import (INDEX_FILE, MAX_LISTED_SKIPS, GalleryReader, IndexWriter, search_blocks)
+from pipeline.inference.index import (INDEX_FILE, MAX_LISTED_SKIPS, GalleryReader, IndexDamaged, IndexWriter,
+                                      search_blocks)
 from pipeline.inference.runs import Run, RunError, load_run
 
 BLOCK_ROWS = 1 << 16  # gallery rows per block file
+META_KEYS = ("gallery", "run", "measure", "arrays", "count", "blocks", "root")  # what a query reads of index.json
 
 
 class SearchError(RunError):
@@ -156,6 +158,13 @@ class SearchIndex:
             meta = json.loads((folder / INDEX_FILE).read_text())
         except (OSError, ValueError):
             raise SearchError(f"--index {folder}: not an index (no readable {INDEX_FILE})") from None
+        missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+        if missing or not isinstance(meta["run"], dict) or not {"path", "fingerprint"} <= set(meta["run"]):
+            raise SearchError(f"--index {folder}: {INDEX_FILE} lacks {', '.join(missing) or 'run.path'} (damaged, or "
+                              f"not written by this tool): build the index again")
+        if run is None and not Path(meta["run"]["path"]).is_dir():
+            raise SearchError(f"--index {folder} was built with {meta['run']['path']}, which is no longer there: give "
+                              f"the run's new folder (or its export) with --run")
         run = run if isinstance(run, Run) else load_run(run or meta["run"]["path"])
         if run.fingerprint != meta["run"]["fingerprint"]:
             raise SearchError(f"--index {folder} was built with {meta['run']['path']} and {run.path}'s weights "
@@ -175,13 +184,16 @@ class SearchIndex:
         """Top-k (item, score) per query, given the queries' gallery_features. `screen_k`: a token-level
         run's screen depth (default: its tokens.screen_k)."""
         module = self.run.module
-        if hasattr(module, "search_gallery"):  # a family with its own search (screen, then tokens)
-            scores, positions = module.search_gallery(queries, self.gallery, k, screen_k)
-        else:
-            scores, positions = search_blocks(queries, self.gallery, k, self.meta["measure"])
-        hamming = self.meta["measure"] == "hamming"
-        return [[(self._item(p), int(-s) if hamming else float(s)) for s, p in zip(row_s.tolist(), row_p.tolist())]
-                for row_s, row_p in zip(scores, positions)]
+        try:
+            if hasattr(module, "search_gallery"):  # a family with its own search (screen, then tokens)
+                scores, positions = module.search_gallery(queries, self.gallery, k, screen_k)
+            else:
+                scores, positions = search_blocks(queries, self.gallery, k, self.meta["measure"])
+            hamming = self.meta["measure"] == "hamming"
+            return [[(self._item(p), int(-s) if hamming else float(s))
+                     for s, p in zip(row_s.tolist(), row_p.tolist())] for row_s, row_p in zip(scores, positions)]
+        except IndexDamaged as e:
+            raise SearchError(f"--index {self.folder}: {e}: build the index again") from None
 
     def _item(self, position: int) -> str:
         item = self.items[position]
@@ -205,8 +217,9 @@ class SearchIndex:
 
 
 def result_line(query: str, results: list[tuple[str, float]], item_key: str) -> str:
-    return json.dumps({"query": query, "results": [{item_key: item, "score": score} for item, score in results]},
-                      ensure_ascii=False)
+    """One query's JSON line; similarities to 4 decimals (Hamming distances are whole numbers)."""
+    return json.dumps({"query": query, "results": [{item_key: item, "score": round(score, 4)}
+                                                   for item, score in results]}, ensure_ascii=False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     try:  # decided before any work: never continue a different experiment, monitor a metric that exists
         monitor, note = choose_monitor(cfg, datamodule.card, logged_metric_names(cfg))
         resume = resume_checkpoint(run_dir) if cfg.run.train else None
-        changes = check_resume(run_dir, cfg) if resume else {}
+        changes = check_resume(run_dir, cfg, datamodule.card) if resume else {}
         # weights that do not fit; feature shards need `features` encoders and pixels need real ones
         teacher = check_prerequisites(cfg, datamodule)  # training labels, a distillation teacher
         L.seed_everything(cfg.run.seed, workers=True, verbose=False)
