@@ -1,5 +1,5 @@
 """Trainer callbacks: throughput and data-wait, skipped-record counts, the epoch for data workers,
-and an atomic checkpoint writer."""
+bounded collectives, and an atomic checkpoint writer."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from data_prep import atomic_open
+from pipeline.training.peers import bound_collectives
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,17 @@ class DataEpoch(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         trainer.datamodule.set_epoch(trainer.current_epoch)
+
+
+class BoundedCollectives(L.Callback):
+    """Lightning calls `setup` right after making the process group (with the long start-up wait): from then
+    on every collective waits at most trainer.collective_timeout for its peers (pipeline/training/peers.py)."""
+
+    def __init__(self, timeout):
+        self.timeout = timeout
+
+    def setup(self, trainer, pl_module, stage):
+        bound_collectives(self.timeout)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
