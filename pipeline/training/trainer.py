@@ -48,10 +48,11 @@ def build_logger(cfg, run_dir: Path):
 
 def build_trainer(cfg, run_dir: Path, monitor: str, extra_callbacks=()) -> L.Trainer:
     ckpt_dir = run_dir / "checkpoints"
+    throughput = ThroughputMonitor()
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                         save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
-        ThroughputMonitor(), DataHealthMonitor(), DataEpoch(), BoundedCollectives(collective_timeout(cfg)),
+        throughput, DataHealthMonitor(), DataEpoch(), BoundedCollectives(collective_timeout(cfg)),
         *extra_callbacks,
     ]
     if cfg.trainer.ckpt_every_n_steps:
@@ -71,7 +72,7 @@ def build_trainer(cfg, run_dir: Path, monitor: str, extra_callbacks=()) -> L.Tra
         logger=logger, callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0,
         gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False,
         limit_val_batches=t.limit_val_batches, limit_test_batches=t.limit_test_batches,
-        plugins=[AtomicCheckpointIO(), *cluster_plugins])
+        plugins=[AtomicCheckpointIO(), *cluster_plugins], profiler=throughput.fetches)
     set_auto_timeout(trainer, cfg)  # bounded waits for a stopped peer (pipeline/training/peers.py)
     return trainer
 
