@@ -66,10 +66,15 @@ class ThroughputMonitor(L.Callback):
         self._steps: list[tuple[float, float, int]] = []  # (step time, data wait, samples) of every step
         self._window: deque = deque()
         self._fetched = 0.0  # the fetch timer's total at the end of the previous step
+        self._last_end = None  # when the previous step ended; None: the next step starts at its batch
+
+    def on_train_start(self, trainer, pl_module):  # also on a resume in mid-epoch (no epoch start then)
+        self._window = deque(maxlen=trainer.log_every_n_steps)
+        self._last_end = None
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._last_end = None  # the first step of an epoch starts at its batch, not after validation
-        self._window = deque(maxlen=trainer.log_every_n_steps)
+        self._window.clear()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
