@@ -19,6 +19,7 @@ trained by a Lightning Trainer in a stable run directory, on one CPU, GPUs, or n
     callbacks.py   throughput, skipped records, the data epoch, bounded collectives, atomic checkpoints
     requeue.py     SLURM pre-emption: checkpoint on every rank, requeue
     peers.py       a stopped rank: bounded collective waits, one line and a non-zero exit on the others
+    heartbeat.py   which rank stopped, among many: counters in the rendezvous store
 
 A new model family is a RetrievalModule subclass here (its objective in pipeline.objectives, its heads
 in pipeline.models) and a branch in build.py. May import config, data, models, objectives and

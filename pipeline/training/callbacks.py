@@ -17,6 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.profilers import Profiler
 
 from data_prep import atomic_open, atomic_write_bytes
+from pipeline.training.heartbeat import stop_all as stop_heartbeats
 from pipeline.training.peers import bound_collectives
 
 log = logging.getLogger(__name__)
@@ -161,13 +162,17 @@ class DataEpoch(L.Callback):
 
 class BoundedCollectives(L.Callback):
     """Lightning calls `setup` right after making the process group (with the long start-up wait): from then
-    on every collective waits at most trainer.collective_timeout for its peers (pipeline/training/peers.py)."""
+    on every collective waits at most trainer.collective_timeout for its peers, and with more than two ranks
+    each one beats (pipeline/training/peers.py, heartbeat.py) until `teardown`."""
 
     def __init__(self, timeout):
         self.timeout = timeout
 
     def setup(self, trainer, pl_module, stage):
         bound_collectives(self.timeout)
+
+    def teardown(self, trainer, pl_module, stage):
+        stop_heartbeats()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

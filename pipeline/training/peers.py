@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import os
 import sys
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from pipeline.training import heartbeat
 
 EXIT_CODE = 3  # not 1 (any crash) and not 2 (bad config): a peer stopped, the run itself can resume
 
@@ -41,7 +40,15 @@ def collective_timeout(cfg) -> timedelta:
     return timedelta(seconds=float(cfg.trainer.collective_timeout))
 
 
+def _pg_timeout_setter():
+    return getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.3
+
+
 def start_up_timeout(cfg) -> timedelta:
+    """The process group's wait when it is made: the long one, where torch can lower it afterwards; else the
+    collective timeout from the start (then a slow rendezvous needs a larger trainer.collective_timeout)."""
+    if _pg_timeout_setter() is None:
+        return collective_timeout(cfg)
     return max(collective_timeout(cfg), START_UP_WAIT)
 
 
@@ -73,13 +80,14 @@ def set_auto_timeout(trainer, cfg) -> None:
 
 def bound_collectives(timeout: timedelta) -> bool:
     """Every later collective of the default group waits at most `timeout` (BoundedCollectives calls this right
-    after Lightning made the group). False when there is no group, or this torch cannot change its timeout."""
+    after Lightning made the group); with more than two ranks, this rank's heartbeat starts (who_stopped).
+    False when there is no group, or this torch cannot change its timeout."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return False
-    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.3
-    if set_timeout is None:
-        log.warning("this torch cannot change a process group's timeout: collectives keep the start-up "
-                    "wait of %s instead of trainer.collective_timeout", START_UP_WAIT)
+    if dist.get_world_size() > 2 and not heartbeat.running():
+        heartbeat.Heartbeat(dist.get_rank()).start()
+    set_timeout = _pg_timeout_setter()
+    if set_timeout is None:  # the group was made with the collective timeout already (start_up_timeout)
         return False
     set_timeout(timeout)
     return True
@@ -107,15 +115,23 @@ def peer_failure(exc: BaseException) -> str | None:
     return None
 
 
-def stopped_ranks(trainer) -> list[int]:
-    """The ranks known to have stopped: with two ranks, the other one; on a single machine started by
-    Lightning's launcher, rank 0 also sees which of its child processes has exited."""
+def who_stopped(trainer) -> str:
+    """Names the stopped rank(s) where that is known: with two ranks, the other one; on one machine started by
+    Lightning's launcher, rank 0 sees which of its child processes has exited; otherwise the ranks whose
+    heartbeat stood still (pipeline/training/heartbeat.py, a few seconds' look). Else "a peer stopped"."""
     me, world = trainer.global_rank, trainer.world_size
     if world == 2:
-        return [1 - me]
+        return f"rank {1 - me} stopped"
     procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
     first = trainer.node_rank * trainer.num_devices  # Lightning's children are local ranks 1, 2, ...
-    return [first + i + 1 for i, p in enumerate(procs) if p.poll() is not None]
+    ranks = [first + i + 1 for i, p in enumerate(procs) if p.poll() is not None]
+    if not ranks and heartbeat.running():
+        ranks = heartbeat.silent_ranks(world, me)
+        if ranks is None and me != 0 and not os.environ.get("TORCHELASTIC_RUN_ID"):
+            return "rank 0 stopped (the rendezvous store it holds does not answer)"
+    if not ranks:
+        return "a peer stopped"
+    return f"rank {ranks[0]} stopped" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))} stopped"
 
 
 def resume_hint(run_dir: Path, job_tag: str | None) -> str:
@@ -128,14 +144,11 @@ def resume_hint(run_dir: Path, job_tag: str | None) -> str:
 
 
 def dead_peer_line(trainer, cfg, run_dir: Path, reason: str, job_tag: str | None) -> str:
-    ranks = stopped_ranks(trainer)
-    who = (f"rank {ranks[0]} stopped" if len(ranks) == 1 else
-           f"ranks {', '.join(map(str, ranks))} stopped" if ranks else "a peer stopped")
-    return (f"error: {who}; rank {trainer.global_rank} gave up waiting for it ({reason}; "
+    return (f"error: {who_stopped(trainer)}; rank {trainer.global_rank} gave up waiting for it ({reason}; "
             f"trainer.collective_timeout={cfg.trainer.collective_timeout:g} s): {resume_hint(run_dir, job_tag)}")
 
 
-def _finish_wandb(seconds: float = 20.0) -> None:
+def _finish_wandb(seconds: float = 10.0) -> None:
     """Marks the W&B run failed, in a thread given `seconds`: nothing here may hang the exit."""
     wandb = sys.modules.get("wandb")
     if wandb is None or wandb.run is None:
@@ -155,7 +168,8 @@ def exit_when_a_peer_stops(trainer, cfg, run_dir: Path, job_tag: str | None):
         reason = peer_failure(e) if trainer.world_size > 1 else None
         if reason is None:
             raise
+        line = dead_peer_line(trainer, cfg, run_dir, reason, job_tag)  # before W&B's own goodbye lines
         _finish_wandb()
-        print(dead_peer_line(trainer, cfg, run_dir, reason, job_tag), file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_CODE)

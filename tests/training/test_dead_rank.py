@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.config import ConfigError, load_config
+from pipeline.training import heartbeat
 from pipeline.training.peers import START_UP_WAIT, bound_collectives, build_strategy, dead_peer_line, peer_failure
 from tests.helpers.runs import ROOT, checkpoint_step, free_port, run_train
 
@@ -88,9 +89,44 @@ def test_a_silent_then_dead_peer_ends_each_wait_and_is_recognised(tmp_path):
     assert dead is not None and "peer" in dead.lower() and waited_dead < 10, (dead, waited_dead)
 
 
+def _three_ranks(rank, port, out):
+    """Rank 2 dies; rank 1 lives on without taking part (as a rank stuck in the broken collective would);
+    rank 0's all-reduce fails and it asks the heartbeats who stopped."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=3, timeout=timedelta(seconds=60))
+    assert heartbeat.Heartbeat(rank, beat_s=0.3).start()
+    assert bound_collectives(timedelta(seconds=5))  # keeps the heartbeat above (one per process)
+    dist.barrier()
+    if rank == 2:
+        os._exit(0)
+    if rank == 1:
+        time.sleep(12)
+        os._exit(0)
+    try:
+        dist.all_reduce(torch.ones(3))
+        result = "no failure"
+    except Exception as e:  # noqa: BLE001
+        result = (peer_failure(e) is not None, heartbeat.silent_ranks(3, 0, beat_s=0.3))
+    torch.save(result, out)
+    os._exit(0)
+
+
+def test_heartbeats_name_the_dead_rank_among_three(tmp_path):
+    out = tmp_path / "result.pt"
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_three_ranks, args=(rank, port, str(out))) for rank in range(3)]
+    for p in procs:
+        p.start()
+    procs[0].join(90)
+    for p in procs:
+        p.kill()
+    assert torch.load(out) == (True, [2])  # rank 1 was alive (beating), rank 2 was not
+
+
 def test_the_line_names_the_peer_and_how_to_resume(tmp_path):
     cfg = load_config("hash_64bit.yaml", ["trainer.collective_timeout=5"])
-    trainer = SimpleNamespace(global_rank=0, world_size=2)
+    trainer = SimpleNamespace(global_rank=0, world_size=2)  # two ranks: the other one stopped
     assert "no checkpoint was saved yet" in dead_peer_line(trainer, cfg, tmp_path, "x", None)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
