@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -158,6 +160,18 @@ def _finish_wandb(seconds: float = 10.0) -> None:
     t.join(seconds)
 
 
+def _end_children(trainer, seconds: float = 10.0) -> None:
+    """On one machine rank 0 started the other ranks: it gives them `seconds` to end on their own (and say so),
+    then kills the rest, so that a frozen rank is not left behind holding its memory."""
+    procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
+    deadline = time.monotonic() + seconds
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @contextlib.contextmanager
 def exit_when_a_peer_stops(trainer, cfg, run_dir: Path, job_tag: str | None):
     """Around fit and test: a collective that failed because a peer stopped ends this rank with one line.
@@ -172,4 +186,5 @@ def exit_when_a_peer_stops(trainer, cfg, run_dir: Path, job_tag: str | None):
         _finish_wandb()
         print(line, file=sys.stderr, flush=True)
         sys.stdout.flush()
+        _end_children(trainer)
         os._exit(EXIT_CODE)

@@ -159,6 +159,13 @@ def _rank1_pid(rank0: int) -> int:
     raise AssertionError("rank 1 never started")
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill-9", "frozen"])
 def test_killed_or_frozen_rank_ends_the_other_in_one_line_and_the_run_resumes(shapes_tiny, tmp_path, sig):
@@ -182,8 +189,10 @@ def test_killed_or_frozen_rank_ends_the_other_in_one_line_and_the_run_resumes(sh
         killed = time.monotonic()
         proc.wait(timeout=5 + 30)
         took = time.monotonic() - killed
+        time.sleep(1)
+        assert _gone(rank1), "rank 0 left rank 1 behind"  # killed, or frozen and then ended by rank 0
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the frozen rank 1, and anything left
+        os.killpg(proc.pid, signal.SIGKILL)  # anything left when the test failed
         proc.wait()
     err = log.read_text()
     assert proc.returncode == 3, err[-3000:]
