@@ -65,11 +65,12 @@ def build_trainer(cfg, run_dir: Path, monitor: str, extra_callbacks=()) -> L.Tra
     logger = build_logger(cfg, run_dir)
     if cfg.logger.wandb:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    strategy = build_strategy(cfg)  # with our wait for a stopped peer (pipeline/training/peers.py)
     t = cfg.trainer
     trainer = L.Trainer(
         default_root_dir=str(run_dir), max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator,
-        devices=trainer_devices(cfg), num_nodes=t.num_nodes, strategy=build_strategy(cfg), precision=t.precision,
-        logger=logger, callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0,
+        devices=trainer_devices(cfg), num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, logger=logger,
+        callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0,
         gradient_clip_val=cfg.optim.grad_clip or None, use_distributed_sampler=False,
         limit_val_batches=t.limit_val_batches, limit_test_batches=t.limit_test_batches,
         plugins=[AtomicCheckpointIO(), *cluster_plugins], profiler=throughput.fetches)
