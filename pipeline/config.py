@@ -97,6 +97,7 @@ class TrainerConfig:
     precision: str = "32-true"  # Lightning's: 32-true | bf16-mixed | 16-mixed | 64-true | bf16-true | 32 | bf16 ...
     log_every_n_steps: int = 10
     ckpt_every_n_steps: int = 200  # periodic last.ckpt against crashes and SIGTERM pre-emption
+    collective_timeout: float = 600.0  # seconds a rank waits in a collective for a peer before it gives up
     limit_val_batches: Any = None  # None: all; a fraction in (0, 1] or a number of batches
     limit_test_batches: Any = None
 

@@ -43,6 +43,8 @@ def checks(cfg) -> list[tuple[bool, str, str]]:
          f"(each device once)"),
         (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1"),
         (t.ckpt_every_n_steps >= 0, "trainer.ckpt_every_n_steps", "must be >= 0 (0 disables)"),
+        (t.collective_timeout > 0, "trainer.collective_timeout",
+         "must be a positive number of seconds (how long ranks wait for a peer in a collective)"),
         (limit_ok(t.limit_val_batches), "trainer.limit_val_batches",
          "must be null, a fraction in (0, 1] or a number of batches >= 1"),
         (limit_ok(t.limit_test_batches), "trainer.limit_test_batches",

@@ -59,10 +59,11 @@ def main(argv=None) -> int:
     from data_prep import atomic_write_bytes
     from pipeline.evaluation.table import format_tables
     from pipeline.training.build import build_module, logged_metric_names
+    from pipeline.training.peers import exit_when_a_peer_stops
     from pipeline.training.prerequisites import check_prerequisites
     from pipeline.training.provenance import RecordProvenance
     from pipeline.training.run_dir import (FINISHED, RUN_DIR_ENV, check_resume, choose_monitor, record_resume,
-                                           resolve_run_dir, resume_checkpoint)
+                                           resolve_run_dir, resume_checkpoint, slurm_job_tag)
     from pipeline.training.run_files import save_inputs
     from pipeline.training.trainer import build_trainer, upload_best_checkpoint
 
@@ -94,12 +95,14 @@ def main(argv=None) -> int:
         save_inputs(run_dir, cfg, datamodule.card, tok)  # tokenizer and categories: inference needs no dataset
 
     ckpt = None
-    if cfg.run.train:
-        if resume and trainer.is_global_zero:
-            print(f"resuming from {resume}" + (f" (allowed changes: {', '.join(changes)})" if changes else ""))
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-        ckpt = "best" if trainer.checkpoint_callback.best_model_path else "last"
-    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    # a peer that stops ends this rank too, in one line, within trainer.collective_timeout
+    with exit_when_a_peer_stops(trainer, cfg, run_dir, slurm_job_tag()):
+        if cfg.run.train:
+            if resume and trainer.is_global_zero:
+                print(f"resuming from {resume}" + (f" (allowed changes: {', '.join(changes)})" if changes else ""))
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+            ckpt = "best" if trainer.checkpoint_callback.best_model_path else "last"
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
 
     if trainer.is_global_zero:
         results = model.test_results

@@ -85,7 +85,8 @@ def resume_checkpoint(run_dir: Path) -> str | None:
 # Keys that do not change what a run learns: a resume may change them freely (where the data or the
 # run folder now live, how fast data loads, how the run is logged and checkpointed).
 MAY_CHANGE_ON_RESUME = ("data.root", "data.shapes_dir", "data.num_workers", "data.eval_batch_size", "logger.",
-                        "trainer.ckpt_every_n_steps", "trainer.log_every_n_steps", "run.root", "run.name", "run.id",
+                        "trainer.ckpt_every_n_steps", "trainer.log_every_n_steps", "trainer.collective_timeout",
+                        "run.root", "run.name", "run.id",
                         "run.allow_changes")
 
 
