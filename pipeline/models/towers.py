@@ -75,8 +75,8 @@ def find_stack(root: nn.Module, what: str) -> Stack:
     (`BLOCK_LIST_NAMES`). Walking down to it, the children registered before each step run before the
     blocks, those registered after run after them; a parameter held on the way (a class token, positions,
     a projection matrix) belongs after when it is a projection, else before."""
-    lists = [(name, m) for name, m in root.named_modules()
-             if isinstance(m, (nn.ModuleList, nn.Sequential)) and name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES and len(m)]
+    lists = [(name, m) for name, m in root.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))
+             and name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES and len(m)]
     if not lists:
         raise ConfigError(f"{what} has no list of blocks (transformer layers) to lock or checkpoint: set "
                           f"unlocked_layers to null and grad_checkpointing to false for it")
