@@ -99,6 +99,8 @@ def checkpointed(function, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     def contexts():
         return contextlib.nullcontext(), batchnorm_statistics_kept(module)
 
+    if torch.compiler.is_compiling():  # compiled, the recomputation replays no state update (and dynamo
+        return checkpoint(function, x, use_reentrant=False)  # cannot trace a context_fn)
     return checkpoint(function, x, use_reentrant=False, context_fn=contexts)
 
 

@@ -43,3 +43,24 @@ def test_compiled_encoders_train_as_eager_ones(shapes_tiny, tmp_path, monkeypatc
     assert len(eager) == len(compiled) == 4
     # steps 2-4 are taken with the weights each run's optimizer made: equal losses mean equal training
     assert compiled == pytest.approx(eager, rel=TOLERANCE)  # measured here: 6e-6 at most
+
+
+def test_compiled_checkpointed_cnn_as_eager():
+    """Compiled, the cnn's stage checkpoints are traced by dynamo (which takes no context_fn: the compiled
+    recomputation replays no BatchNorm update by itself): the same gradients and statistics as eager."""
+    import copy
+    from types import SimpleNamespace
+
+    from pipeline.models.encoders import SmallCNN, prepare
+
+    torch.manual_seed(0)
+    base, images = SmallCNN(16), torch.randn(4, 3, 64, 64)
+    section = SimpleNamespace(name="cnn", unlocked_layers=None, grad_checkpointing=True, freeze=False)
+    eager, compiled = (prepare(copy.deepcopy(base), section, "k") for _ in range(2))
+    compiled.compile()
+    for encoder in (eager, compiled):
+        encoder(images).vector.square().sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4 * a.grad.abs().max().item()), name
+    for key, value in eager.state_dict().items():  # running statistics updated once, as eager
+        assert torch.allclose(value.float(), compiled.state_dict()[key].float(), atol=1e-6), key
