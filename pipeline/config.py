@@ -56,6 +56,8 @@ class EncoderConfig:
     init: Optional[str] = None  # weights to start from: cnn: a .pt file or "shapes"; open_clip: a tag or a file
     init_steps: int = 500  # pretraining steps of the "shapes" backbone (made once, cached in data/backbones)
     freeze: bool = False  # a fixed feature extractor: no gradients, BatchNorm statistics kept
+    unlocked_layers: Optional[int] = None  # train only the last N blocks (and the final norm, projection); null: all
+    grad_checkpointing: bool = False  # recompute the blocks' activations in the backward: less memory, more time
 
 
 @dataclass
@@ -100,6 +102,7 @@ class TrainerConfig:
     collective_timeout: float = 600.0  # seconds a rank waits in a collective for a peer before it gives up
     limit_val_batches: Any = None  # None: all; a fraction in (0, 1] or a number of batches
     limit_test_batches: Any = None
+    compile: bool = False  # torch.compile the encoders for training (ours, not a Trainer argument)
 
 
 @dataclass

@@ -61,6 +61,7 @@ def checks(cfg) -> list[tuple[bool, str, str]]:
              "must be positive"),
             (enc.name != "tiny_bert" or enc.width % enc.heads == 0, f"model.{side}_encoder.heads",
              f"must divide model.{side}_encoder.width ({enc.width})"),
+            *tower_checks(enc, f"model.{side}_encoder"),
         ]
     open_clip = [enc.name.startswith("open_clip:") for enc in (img, txt)]
     checks += [
@@ -73,6 +74,25 @@ def checks(cfg) -> list[tuple[bool, str, str]]:
         (img.init_steps > 0, "model.image_encoder.init_steps", "must be positive"),
     ]
     return checks + config_tokens.checks(cfg)
+
+
+def tower_checks(enc, key: str) -> list[tuple[bool, str, str]]:
+    """`unlocked_layers` and `grad_checkpointing` of one encoder section (a tower's own block count is checked
+    when it is built)."""
+    unlocked = enc.unlocked_layers
+    blocks = {"cnn": 4, "tiny_bert": enc.layers}.get(enc.name)
+    return [
+        (unlocked is None or unlocked >= 0, f"{key}.unlocked_layers",
+         "must be null (train every block) or >= 0 (0: only what runs after the blocks)"),
+        (unlocked is None or not enc.freeze, f"{key}.unlocked_layers",
+         f"is {unlocked} with {key}.freeze true: a frozen tower trains no block; drop one of them"),
+        (not (enc.grad_checkpointing and enc.freeze), f"{key}.grad_checkpointing",
+         f"is true with {key}.freeze true: a frozen tower keeps no activations to recompute; drop one of them"),
+        (enc.name != "features" or (unlocked is None and not enc.grad_checkpointing), f"{key}.unlocked_layers",
+         "and grad_checkpointing are for encoders with blocks; `features` (precomputed) has none: null / false"),
+        (unlocked is None or blocks is None or unlocked <= blocks, f"{key}.unlocked_layers",
+         f"is {unlocked}, but the {enc.name} encoder has {blocks} blocks: at most {blocks}, or null"),
+    ]
 
 
 def devices_ok(devices) -> bool:

@@ -83,11 +83,12 @@ def resume_checkpoint(run_dir: Path) -> str | None:
 
 
 # Keys that do not change what a run learns: a resume may change them freely (where the data or the
-# run folder now live, how fast data loads, how the run is logged and checkpointed).
+# run folder now live, how fast data loads, how the run is logged and checkpointed, whether activations
+# are recomputed or the encoders compiled).
 MAY_CHANGE_ON_RESUME = ("data.root", "data.shapes_dir", "data.num_workers", "data.eval_batch_size", "logger.",
                         "trainer.ckpt_every_n_steps", "trainer.log_every_n_steps", "trainer.collective_timeout",
-                        "run.root", "run.name", "run.id",
-                        "run.allow_changes")
+                        "run.root", "run.name", "run.id", "run.allow_changes", "model.image_encoder.grad_checkpointing",
+                        "model.text_encoder.grad_checkpointing", "trainer.compile")
 
 
 def config_changes(saved: dict, new: dict, allowed=()) -> dict[str, tuple]:
