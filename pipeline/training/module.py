@@ -150,6 +150,10 @@ class RetrievalModule(L.LightningModule):
         """`trainer.compile`: the encoders' forward compiled in place (nn.Module.compile: the state dict's
         keys stay as they are, so checkpoints load either way); the heads and losses stay eager."""
         if self.compile_encoders:
+            if self.accum_steps > 1:  # the cached step replays dropout from the saved RNG state: compiled
+                import torch._inductor.config as inductor  # random ops must draw from that generator too
+
+                inductor.fallback_random = True
             self.image_encoder.compile()
             self.text_encoder.compile()
 
