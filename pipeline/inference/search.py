@@ -280,7 +280,12 @@ def run_serve(args) -> None:
         from pipeline.inference.serve import serve
     except ImportError as e:
         raise SearchError(f"serve needs Flask ({e.name} is not installed): pip install -e '.[serve]'") from None
-    serve(_open_for_queries(args), args.host, args.port, args.screen_k)
+    index = _open_for_queries(args)
+    try:
+        serve(index, args.host, args.port, args.screen_k)
+    except OSError as e:  # the address is taken, or not this machine's
+        raise SearchError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): give another --port "
+                          f"(0: any free one) or --host") from None
 
 
 def run_query(args) -> None:

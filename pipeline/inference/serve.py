@@ -95,12 +95,28 @@ def model_card(index) -> dict:
     return {"name": run.name, "family": family_line(run), "representation": run.representation,
             "measure": index.meta["measure"], "path": str(run.path),
             "metrics": {k: v for k, v in metrics.items() if "/" not in k and isinstance(v, (int, float))},
-            "provenance": {"commit": code.get("commit"), "dirty": code.get("dirty"),
+            "metric_table": metric_table(metrics),
+            "provenance": {"commit": (code.get("commit") or "")[:12] or None, "dirty": code.get("dirty"),
                            "dataset": prov.get("dataset", {}).get("name"), "seed": prov.get("seed"),
                            "started": prov.get("started"), "devices": machine.get("devices"),
                            "accelerator": machine.get("accelerator")} if prov else {},
             "gallery": index.meta["gallery"], "count": index.meta["count"], "root": index.meta["root"],
             "index": str(index.folder)}
+
+
+def metric_table(metrics: dict) -> dict:
+    """The test metrics the page shows, a row per direction, R@K and mAP in % (mAP is stored as a fraction):
+    {"columns", "rows": {direction: [text]}, "rsum"}. /api/info has every metric."""
+    names = [n for n in ("R@1", "R@5", "R@10", "mAP@N")
+             if any(f"{d}_{n}" in metrics for d in ("i2t", "t2i"))]
+
+    def shown(name: str, value) -> str:
+        if value is None:
+            return ""
+        return f"{100 * value if name.startswith('mAP') else value:.1f}"
+
+    return {"columns": names, "rows": {d: [shown(n, metrics.get(f"{d}_{n}")) for n in names] for d in ("i2t", "t2i")},
+            "rsum": metrics.get("rsum")}
 
 
 def create_app(index, screen_k: int | None = None) -> Flask:

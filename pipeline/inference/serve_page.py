@@ -38,12 +38,14 @@ PAGE = """<!doctype html>
     <tr><th>measure</th><td>{{ card.measure }}</td></tr>
   </table>
   <h3>Test metrics</h3>
-  {% if card.metrics %}
+  {% if card.metric_table.columns %}
   <table id="metrics">
-    {% for name, value in card.metrics|dictsort %}
-    <tr><th>{{ name }}</th><td>{{ "%.2f"|format(value) }}</td></tr>
+    <tr><th></th>{% for name in card.metric_table.columns %}<th>{{ name }}</th>{% endfor %}</tr>
+    {% for direction, values in card.metric_table.rows.items() %}
+    <tr><th>{{ direction }}</th>{% for v in values %}<td>{{ v }}</td>{% endfor %}</tr>
     {% endfor %}
   </table>
+  <p>R@K and mAP in %{% if card.metric_table.rsum is not none %}; rsum {{ "%.1f"|format(card.metric_table.rsum) }}{% endif %}</p>
   {% else %}<p>the run has no test_metrics.json</p>{% endif %}
   <h3>Provenance</h3>
   {% if card.provenance %}
@@ -151,10 +153,12 @@ header { padding: 0.6em 1.2em; background: #25364a; color: #fff; }
 header h1 { margin: 0; font-size: 1.3em; }
 header p { margin: 0.2em 0 0; font-size: 0.85em; opacity: 0.85; }
 main { display: flex; gap: 1.5em; padding: 1em 1.2em; align-items: flex-start; }
-#search { flex: 3; }
-#card { flex: 1; min-width: 16em; font-size: 0.85em; background: #fff; border: 1px solid #ddd; padding: 0.6em 1em; }
+#search { flex: 3; min-width: 0; }
+#card { flex: 1; min-width: 16em; max-width: 26em; font-size: 0.85em; background: #fff; border: 1px solid #ddd; padding: 0.6em 1em; }
 #card table { border-collapse: collapse; }
-#card th { text-align: left; font-weight: normal; color: #666; padding-right: 1em; }
+#card th { text-align: left; font-weight: normal; color: #666; padding-right: 0.8em; }
+#card code, #card td { overflow-wrap: anywhere; }
+#metrics td { text-align: right; padding-left: 0.5em; }
 form { margin-bottom: 0.6em; }
 #text { width: 60%; font-size: 1em; padding: 0.3em; }
 #preview { max-height: 48px; vertical-align: middle; margin-left: 1em; }

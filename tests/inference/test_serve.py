@@ -181,9 +181,10 @@ def test_the_page_shows_the_model_card_and_loads_nothing_from_elsewhere(client, 
     r = client.get("/")
     page = r.get_data(as_text=True)
     metrics = json.loads((tiny_runs["fine_grained"] / "test_metrics.json").read_text())
-    assert f"{metrics['t2i_R@1']:.2f}" in page and "cosine similarity" in page
+    assert f"<td>{metrics['t2i_R@1']:.1f}</td>" in page and "cosine similarity" in page
+    assert f"<td>{100 * metrics['i2t_mAP@N']:.1f}</td>" in page  # mAP is stored as a fraction, shown in %
     provenance = json.loads((tiny_runs["fine_grained"] / "provenance.json").read_text())
-    assert str(provenance["seed"]) in page and provenance["code"]["commit"] in page
+    assert str(provenance["seed"]) in page and provenance["code"]["commit"][:12] in page
     assert "default-src 'self'" in r.headers["Content-Security-Policy"]
     for asset in ("/page.js", "/page.css", "/"):
         assert "http://" not in client.get(asset).get_data(as_text=True).replace("http://www.w3.org", "")

@@ -36,7 +36,7 @@ def browser(request, tmp_path_factory):
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                 "--window-size=1100,760", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+                 "--window-size=1100,860", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(flag)
     # the driver's path given: Selenium Manager (which would look for one online) is not run
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
