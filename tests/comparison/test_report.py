@@ -137,6 +137,7 @@ def test_report_panels_show_each_runs_top5_with_the_correct_items_marked(quick_r
         image = imread(quick_report / f"panels_{direction}.png")[..., :3]
         green = np.array([int(COLOURS[CORRECT][i:i + 2], 16) / 255 for i in (1, 3, 5)])
         assert (np.abs(image - green).max(-1) < 0.02).any() == (correct > 0)  # green frames drawn iff correct items
+        assert list((quick_report / "wandb").glob(f"offline-run-*/files/media/images/report/panels_{direction}_*.png"))
 
 
 @pytest.mark.parametrize("hashed", [False, True])
