@@ -59,11 +59,14 @@ def load_image(path: Path, transform: Callable) -> tuple[torch.Tensor | None, st
         return decode_image(f, transform)
 
 
-def decode_image(f: BinaryIO, transform: Callable) -> tuple[torch.Tensor | None, str | None]:
+def decode_image(f: BinaryIO, transform: Callable, max_pixels: int | None = None
+                 ) -> tuple[torch.Tensor | None, str | None]:
     """An open image file (or uploaded bytes) as pixels: (pixels, None), or (None, `not_an_image` |
-    `corrupt`)."""
+    `corrupt` | `too_large`: over `max_pixels`, told by the header before anything is decoded)."""
     try:
         image = Image.open(f)
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            return None, "too_large"
         image = image.convert("RGB")
     except UnidentifiedImageError:
         return None, "not_an_image"

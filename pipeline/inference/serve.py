@@ -13,8 +13,8 @@ Every answer of /api/query is made by the index's own ranking and `SearchIndex.l
 
 Safe by default: the server binds 127.0.0.1; gallery files are served by position only, from the
 index's own list, and only when they still lie inside the folder the index was built from (a file
-replaced by a link leading outside it is refused); an upload over MAX_UPLOAD bytes, not an image, or
-one that fails to decode gets a 400 with a one-line reason. Queries are answered one at a time (the
+replaced by a link leading outside it is refused); an upload over MAX_UPLOAD bytes or MAX_PIXELS, not
+an image, or one that fails to decode gets a 400 with a one-line reason. Queries are answered one at a time (the
 model uses torch's threads; the tokenizer is not safe to share between threads); requests wait their
 turn. This module receives an opened `SearchIndex` (pipeline/inference/search.py opens it, refusing an
 index whose run's weights changed), so it imports nothing from the command.
@@ -37,6 +37,7 @@ from pipeline.inference.serve_page import PAGE, SCRIPT, STYLE
 from pipeline.training.provenance import read as read_provenance
 
 MAX_UPLOAD = 10 * 2**20  # bytes of an uploaded image (10 MiB)
+MAX_PIXELS = 40_000_000  # an upload's width x height: a small file can hold a huge image (a decompression bomb)
 MAX_K = 100
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # the page loads nothing from elsewhere: its script, style and images come from this server (blob: is the
@@ -67,9 +68,10 @@ def upload_pixels(upload, transform):
     data = upload.stream.read(MAX_UPLOAD + 1)
     if len(data) > MAX_UPLOAD:
         raise BadQuery(f"{upload.filename}: the upload is over {MAX_UPLOAD // 2**20} MiB")
-    pixels, reason = decode_image(io.BytesIO(data), transform)
+    pixels, reason = decode_image(io.BytesIO(data), transform, MAX_PIXELS)
     if pixels is None:
-        why = "is not an image" if reason == "not_an_image" else "fails to decode (a damaged or truncated image)"
+        why = {"not_an_image": "is not an image", "too_large": f"is over {MAX_PIXELS // 10**6} megapixels"}.get(
+            reason, "fails to decode (a damaged or truncated image)")
         raise BadQuery(f"{upload.filename} {why}")
     return pixels
 

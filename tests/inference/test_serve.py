@@ -152,8 +152,13 @@ def test_a_gallery_file_replaced_by_a_link_outside_is_refused(client, index, ser
 
 
 def _bad_uploads(folder: Path) -> list[tuple[str, bytes, object, str]]:
+    from PIL import Image
+
     png = (folder / "000001.png").read_bytes()
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, "PNG")  # 81 megapixels in a few kB
     return [("notes.png", b"just some text\n" * 10, 10, "is not an image"),
+            ("bomb.png", bomb.getvalue(), 10, "over 40 megapixels"),
             ("half.png", png[: len(png) // 2], 10, "fails to decode"),
             ("big.png", png + os.urandom(MAX_UPLOAD + 1 - len(png)), 10, "over 10 MiB"),
             ("huge.png", os.urandom(MAX_UPLOAD + 2**20), 10, "over 10 MiB"),
