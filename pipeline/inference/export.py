@@ -74,7 +74,8 @@ def _encoder_line(enc) -> str:
     return f"{enc.name} (width {enc.width}{extra}{', frozen' if enc.freeze else ''})"
 
 
-def _family_line(run: Run) -> str:
+def family_line(run: Run) -> str:
+    """The model in one phrase (the model card's and the search page's)."""
     if run.family == "hash":
         return f"cross-modal hashing, {run.dim}-bit codes compared by Hamming distance"
     if run.tokens:
@@ -97,7 +98,7 @@ def _token_rows(run: Run) -> list[str]:
 def model_card(run: Run, provenance: dict | None) -> str:
     cfg = run.cfg
     d = cfg.data
-    lines = [f"# {run.name}", "", f"An image-text retrieval model: {_family_line(run)}. Exported from `{run.path}` "
+    lines = [f"# {run.name}", "", f"An image-text retrieval model: {family_line(run)}. Exported from `{run.path}` "
              f"(`{run.checkpoint.name}`) by `python -m pipeline.export`.", "",
              "| | |", "|---|---|", f"| family | {cfg.model.kind}{f' ({cfg.hash.objective})' if run.family == 'hash' else ''} |", f"| representation | {run.representation} |",
              *_token_rows(run),

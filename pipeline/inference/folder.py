@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -65,13 +65,24 @@ def scan_images(folder) -> tuple[list[str], list[tuple[str, str]]]:
 def load_image(path: Path, transform: Callable) -> tuple[torch.Tensor | None, str | None]:
     """(pixels, None), or (None, the reason it was skipped)."""
     try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            image = image.convert("RGB")
-    except UnidentifiedImageError:
-        return None, "not_an_image"
+        f = open(path, "rb")
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         return None, "unreadable"
+    with f:
+        return decode_image(f, transform)
+
+
+def decode_image(f: BinaryIO, transform: Callable, max_pixels: int | None = None
+                 ) -> tuple[torch.Tensor | None, str | None]:
+    """An open image file (or uploaded bytes) as pixels: (pixels, None), or (None, `not_an_image` |
+    `corrupt` | `too_large`: over `max_pixels`, told by the header before anything is decoded)."""
+    try:
+        image = Image.open(f)
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            return None, "too_large"
+        image = image.convert("RGB")
+    except UnidentifiedImageError:
+        return None, "not_an_image"
     except Exception:  # a truncated or damaged image, a decompression bomb
         return None, "corrupt"
     return transform(image), None
