@@ -39,21 +39,27 @@ def check_matrices(scores, scores_t2i, num_captions: int) -> None:
             raise ValueError(f"{name} must hold numbers, got dtype {m.dtype}")
 
 
+def _copy(block, dtype) -> torch.Tensor:
+    """A private, writable copy: the ranking edits blocks in place (-0.0 -> +0.0), and a memory map is
+    read-only (writing through a view of it would crash the process)."""
+    return torch.from_numpy(np.array(block, dtype=dtype, order="C", copy=True))
+
+
 def score_blocks(scores, scores_t2i=None):
     """``(score_i2t(a, b), score_t2i(a, b))`` reading row blocks of ``S`` / ``T`` (or column blocks of ``S``)."""
     dt_s = _block_dtype(scores)
 
     def i2t(a: int, b: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(scores[a:b], dtype=dt_s))
+        return _copy(scores[a:b], dt_s)
 
     if scores_t2i is not None:
         dt_t = _block_dtype(scores_t2i)
 
         def t2i(a: int, b: int) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(scores_t2i[a:b], dtype=dt_t))
+            return _copy(scores_t2i[a:b], dt_t)
     else:
         def t2i(a: int, b: int) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(scores[:, a:b].T, dtype=dt_s))
+            return _copy(scores[:, a:b].T, dt_s)
     return i2t, t2i
 
 
