@@ -29,6 +29,7 @@ class ExtraOptions:
     ks: tuple = (1, 5, 10)
     p_ks: tuple = DEFAULT_P_KS
     curves: bool = True
+    scalars: bool = True  # False: only the curves (a training run's test end)
 
 
 def _name_k(k) -> str:
@@ -54,33 +55,34 @@ class ExtraStats:
 
     def ap_ks(self) -> list[int]:
         """The k whose today's AP@k the ranking must compute for ``[ucch]`` (effective, <= n)."""
-        return [self.n if k is None else k for k in self.map_ks] if self.labels else []
+        return [self.n if k is None else k for k in self.map_ks] if self.labels and self.opts.scalars else []
 
     def block(self, s, rel, rel_sorted, best, tied_pos) -> dict:
         """Values of queries ``s.shape[0]`` (numpy): ``s`` scores, ``rel`` bool relevance (or None),
         ``rel_sorted`` uint8 relevance in ranked order (or None), ``best`` the best positive's score,
         ``tied_pos`` the positives scoring exactly ``best``. Thread-safe: returns, never stores."""
-        out = {}
+        out, scalars = {}, self.opts.scalars
         if self.labels and rel_sorted is not None:
-            for k, v in dadh_ap(rel_sorted, self.map_ks).items():
+            for k, v in (dadh_ap(rel_sorted, self.map_ks) if scalars else {}).items():
                 out[f"q:dadh{k}"] = v
-            for k, v in precision_at(rel_sorted, self.p_ks).items():
+            for k, v in (precision_at(rel_sorted, self.p_ks) if scalars else {}).items():
                 out[f"q:p{k}"] = v
             if self.opts.curves:
                 hits = np.cumsum(rel_sorted, axis=1, dtype=np.int64)[:, self.grid - 1]
                 out["s:pk"] = (hits / self.grid).sum(0)
                 out["s:pr11"], out["s:pr11_queries"] = pr11_sums(rel_sorted)
-        if self.bits is not None:
+        if self.bits is not None and (scalars or (self.labels and self.opts.curves)):
             bv = best[:, None]
             before = np.count_nonzero(s > bv, axis=1)
             tied = np.count_nonzero(s == bv, axis=1)
-            for k in self.r_ks:
+            for k in self.r_ks if scalars else ():
                 out[f"q:ties_r{k}"] = expected_recall(before, tied, tied_pos, k)
             if self.labels:
                 count, relevant = distance_histograms(s, rel, self.bits)
-                for k in self.map_ks:
+                for k in self.map_ks if scalars else ():
                     out[f"q:ties_ap{k}"] = expected_ap(count, relevant, self.n if k is None else k)
-                out["q:ph2"], out["q:rh2"] = radius_lookup(count, relevant, 2)
+                if scalars:
+                    out["q:ph2"], out["q:rh2"] = radius_lookup(count, relevant, 2)
                 out["s:hist_count"], out["s:hist_rel"] = count.sum(0), relevant.sum(0)
         return out
 

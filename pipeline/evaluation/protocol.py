@@ -23,10 +23,11 @@ Algorithm (per block of query rows; never the N x M matrix, never N x M x bits)
   (0 when none): fico_itr's definition. The short prefixes (10, 100) use a
   cumulative sum; the whole gallery only the hit positions ``p_j`` (one
   ``flatnonzero``): AP@N = mean_j ``(j + 1) / (p_j + 1)``. float32 scores use
-  int64 keys; hamming scores
-  (``-distance``, 0..bits) use int32 keys ``distance << b | 2 * index +
-  relevant`` (half the bytes: sorting is the dominant cost); float64 scores
-  cannot share 64 bits with the index and use a stable argsort instead.
+  int64 keys; float64 scores cannot share 64 bits with the index and use a
+  stable argsort instead. Hamming scores (``-distance``, 0..bits) need no sort
+  on CPU: a stable counting order over the bits + 1 distances (counting.py) is
+  the tie rule exactly; on other devices int32 keys ``distance << b | 2 *
+  index + relevant``.
 * CPU: numpy does the per-element work (its AVX-512 sort is 3-8x faster than
   ``torch.sort`` here, and its single-threaded ops do not stall the way torch's
   OpenMP ops do when another process holds a core), on sub-blocks of ~2**17
@@ -111,7 +112,7 @@ def evaluate(image_feats, text_feats, caption_image, image_labels=None, measure:
                          dtype=score_dtype(img_p, txt_p, measure), device=device)
     scorers = {"i2t": feature_blocks(img_p, txt_p, measure, buffer), "t2i": feature_blocks(txt_p, img_p, measure, buffer)}
     bits = 8 * img_p.shape[1] if measure == "hamming" else None  # packed bytes
-    extra = ExtraOptions(map_ks, ks, tuple(int(k) for k in p_ks), curves) if all_metrics or curves else None
+    extra = ExtraOptions(map_ks, ks, tuple(int(k) for k in p_ks), curves, all_metrics) if all_metrics or curves else None
     results, curve = _rank_and_summarise(scorers, n, m, cap, labels, bits, ks, map_ks, chunk_size, device,
                                          num_threads, extra, all_metrics)
     return (results, curve) if curves else results
@@ -139,7 +140,7 @@ def evaluate_blocks(score_i2t: Callable[[int, int], torch.Tensor], score_t2i: Ca
     labels = None if image_labels is None else _labels_matrix(image_labels, n, device)
     m = cap.numel()
     scorers = {"i2t": _checked(score_i2t, m, "score_i2t"), "t2i": _checked(score_t2i, n, "score_t2i")}
-    extra = ExtraOptions(map_ks, ks, tuple(int(k) for k in p_ks), curves) if all_metrics or curves else None
+    extra = ExtraOptions(map_ks, ks, tuple(int(k) for k in p_ks), curves, all_metrics) if all_metrics or curves else None
     results, curve = _rank_and_summarise(scorers, n, m, cap, labels, None, ks, map_ks,
                                          chunk_size or default_chunk_size(device), device, num_threads, extra,
                                          all_metrics)

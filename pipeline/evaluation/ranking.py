@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import torch
 
+from pipeline.evaluation.counting import counting_order
 from pipeline.evaluation.scores import canonical_zero, float_bits_key, order_key32, pack_keys
 
 _SUB_BLOCK = 1 << 17  # elements per CPU sub-block: keys + scratch fit in L2
@@ -144,10 +145,10 @@ class Direction:
             rel_sorted[...] = np.take_along_axis(rel.view(np.uint8), order, axis=1)
             return (_rank_by_count_np(s, best, best_idx), _ap_np(rel_sorted, ks),
                     self._extra(s, rel, rel_sorted, best, a))
-        if self.bits is not None and self.bits << _index_bits(n) < 2**31:
-            keys, best_key = self._keys_hamming_np(s, best, best_idx, rel)
-        else:
-            keys, best_key = self._keys64_np(canonical_zero(s), best, best_idx, rel)
+        if self.bits is not None:  # 65 distances at 64 bits: a stable counting order, no sort
+            ranks, _ = counting_order(s, rel, best, best_idx, self.bits, rel_sorted)
+            return ranks, _ap_np(rel_sorted, ks), self._extra(s, rel, rel_sorted, best, a)
+        keys, best_key = self._keys64_np(canonical_zero(s), best, best_idx, rel)
         keys.sort(axis=1)
         ranks = np.fromiter((np.searchsorted(keys[i], best_key[i]) for i in range(r)), np.int64, r)
         # relevance = bit 0 of each key = bit 0 of its first byte (little-endian)
@@ -163,17 +164,6 @@ class Direction:
         halves[:, 1::2] = float_bits_key(s.view(np.int32), self._buf("hi", (r, n), np.int32))
         np.add(_even(n), rel, out=halves[:, 0::2])
         best_key = pack_keys(order_key32(best.astype(np.float32)), 2 * best_idx.astype(np.int32))
-        return keys, best_key
-
-    def _keys_hamming_np(self, s, best, best_idx, rel):
-        """int32 ``(distance - 1) << b | 2 * index + relevant``; scores are ``-distance``."""
-        r, n = s.shape
-        shift = _index_bits(n)
-        keys = np.invert(s, out=self._buf("keys32", (r, n), np.int32))  # ~(-d) = d - 1
-        keys <<= shift
-        keys |= _even(n)
-        keys |= rel
-        best_key = (~best << shift) | (2 * best_idx).astype(np.int32)
         return keys, best_key
 
     # ---- other devices: the same keys in torch -----------------------------------------
