@@ -31,8 +31,7 @@ def extra_map_ks(map_ks, n: int) -> list[int | None]:
 
 def precision_at(rel_sorted: np.ndarray, ks) -> dict[int, np.ndarray]:
     """{K: relevant items in the top K / K} per query, for K <= n."""
-    hits = np.cumsum(rel_sorted[:, : max(ks)], axis=1, dtype=np.int64) if ks else None
-    return {k: hits[:, k - 1] / k for k in ks}
+    return {k: np.count_nonzero(rel_sorted[:, :k], axis=1) / k for k in ks}
 
 
 def hit_positions(rel_sorted: np.ndarray):
@@ -49,11 +48,12 @@ def hit_positions(rel_sorted: np.ndarray):
     return rows, ordinal, position, counts
 
 
-def dadh_ap(rel_sorted: np.ndarray, ks) -> dict[int, np.ndarray]:
+def dadh_ap(rel_sorted: np.ndarray, ks, hits=None) -> dict[int, np.ndarray]:
     """{K: DADH's AP} per query: the first m = min(K, relevant) relevant items, j / pos_j averaged over
-    them; positions run over the whole ranking (not cut at K); 0 for a query without relevant items."""
+    them; positions run over the whole ranking (not cut at K); 0 for a query without relevant items.
+    ``hits``: :func:`hit_positions` of the rows, when already made."""
     r, n = rel_sorted.shape
-    rows, ordinal, position, counts = hit_positions(rel_sorted)
+    rows, ordinal, position, counts = hits if hits is not None else hit_positions(rel_sorted)
     ratio = ordinal / position
     out = {}
     for k in ks:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.evaluation import hamming
+from pipeline.evaluation.ties import distance_histograms
 
 MAX_BITS = 65 * 8  # the kernel's histogram size
 
@@ -21,10 +22,11 @@ def backend() -> str:
 
 
 def counting_order(neg_dist: np.ndarray, rel: np.ndarray, best: np.ndarray, best_idx: np.ndarray, bits: int,
-                   rel_out: np.ndarray):
-    """``(ranks int64 [rows], rel_out)``: relevance (bool ``[rows, n]``) in tie-rule order written into
-    ``rel_out`` (uint8, C-contiguous), and the rank of each row's best positive (score ``best``, gallery
-    index ``best_idx``). ``neg_dist`` int32 ``-distance`` with distances in ``0..bits``."""
+                   rel_out: np.ndarray, histograms: bool = False):
+    """``(ranks int64 [rows], rel_out, histograms)``: relevance (bool ``[rows, n]``) in tie-rule order
+    written into ``rel_out`` (uint8, C-contiguous), the rank of each row's best positive (score ``best``,
+    gallery index ``best_idx``), and with ``histograms`` the items and relevant items per distance
+    (``int64 [rows, bits + 1]`` each; else None). ``neg_dist``: int32 ``-distance``, distances 0..bits."""
     rows, n = neg_dist.shape
     lib = hamming._kernel() if bits <= MAX_BITS else None
     if lib is not None:
@@ -32,15 +34,18 @@ def counting_order(neg_dist: np.ndarray, rel: np.ndarray, best: np.ndarray, best
         best = np.ascontiguousarray(best, np.int32)
         best_idx = np.ascontiguousarray(best_idx, np.int64)
         ranks = np.empty(rows, np.int64)
+        hist = (np.empty((rows, bits + 1), np.int64), np.empty((rows, bits + 1), np.int64)) if histograms else None
         rc = lib.counting_order(neg_dist.ctypes.data, rel.ctypes.data, rows, n, bits, best.ctypes.data,
-                                best_idx.ctypes.data, rel_out.ctypes.data, ranks.ctypes.data)
+                                best_idx.ctypes.data, rel_out.ctypes.data, ranks.ctypes.data,
+                                hist[0].ctypes.data if hist else None, hist[1].ctypes.data if hist else None)
         if rc != 0:
             raise ValueError(f"Hamming distances outside 0..{bits}")
-        return ranks, rel_out
+        return ranks, rel_out, hist
     dist = (-neg_dist).astype(np.uint8 if bits < 256 else np.uint16)
     order = np.argsort(dist, axis=1, kind="stable")
     rel_out[...] = np.take_along_axis(rel.view(np.uint8), order, axis=1)
     bd = (-best).astype(dist.dtype)[:, None]
     before = np.arange(n)[None, :] < best_idx[:, None]
     ranks = np.count_nonzero(dist < bd, axis=1) + np.count_nonzero((dist == bd) & before, axis=1)
-    return ranks.astype(np.int64), rel_out
+    hist = distance_histograms(neg_dist, rel, bits) if histograms else None
+    return ranks.astype(np.int64), rel_out, hist

@@ -22,9 +22,10 @@ def pk_grid(n: int) -> np.ndarray:
     return np.unique(np.append(grid[grid <= n], n)).astype(np.int64)
 
 
-def pr11_sums(rel_sorted: np.ndarray):
-    """(sum over queries of the interpolated precision at the 11 levels, number of queries summed)."""
-    rows, ordinal, position, counts = hit_positions(rel_sorted)
+def pr11_sums(rel_sorted: np.ndarray, hits=None):
+    """(sum over queries of the interpolated precision at the 11 levels, number of queries summed);
+    ``hits``: ``conventions.hit_positions`` of the rows, when already made."""
+    rows, ordinal, position, counts = hits if hits is not None else hit_positions(rel_sorted)
     if rows.size == 0:
         return np.zeros(LEVELS.size), 0
     precision = ordinal / position

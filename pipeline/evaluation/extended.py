@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.evaluation.conventions import dadh_ap, extra_map_ks, precision_at, ucch_mean
+from pipeline.evaluation.conventions import dadh_ap, extra_map_ks, hit_positions, precision_at, ucch_mean
 from pipeline.evaluation.curves import pk_grid, pr11_sums
 from pipeline.evaluation.ties import distance_histograms, expected_ap, expected_recall, radius_lookup, radius_pr
 
@@ -57,33 +57,39 @@ class ExtraStats:
         """The k whose today's AP@k the ranking must compute for ``[ucch]`` (effective, <= n)."""
         return [self.n if k is None else k for k in self.map_ks] if self.labels and self.opts.scalars else []
 
-    def block(self, s, rel, rel_sorted, best, tied_pos) -> dict:
+    def block(self, s, rel, rel_sorted, best, tied_pos, hist=None) -> dict:
         """Values of queries ``s.shape[0]`` (numpy): ``s`` scores, ``rel`` bool relevance (or None),
         ``rel_sorted`` uint8 relevance in ranked order (or None), ``best`` the best positive's score,
-        ``tied_pos`` the positives scoring exactly ``best``. Thread-safe: returns, never stores."""
+        ``tied_pos`` the positives scoring exactly ``best``, ``hist`` (hamming, when the ranking made
+        them) the items and relevant items per distance. Thread-safe: returns, never stores.
+
+        Per block only what needs the items (the ranked relevance); the tie expectations work on the
+        per-query histograms, once for all queries in :meth:`names` (loops over groups, not items)."""
         out, scalars = {}, self.opts.scalars
         if self.labels and rel_sorted is not None:
-            for k, v in (dadh_ap(rel_sorted, self.map_ks) if scalars else {}).items():
-                out[f"q:dadh{k}"] = v
-            for k, v in (precision_at(rel_sorted, self.p_ks) if scalars else {}).items():
-                out[f"q:p{k}"] = v
+            hits = hit_positions(rel_sorted)
+            if scalars:
+                for k, v in dadh_ap(rel_sorted, self.map_ks, hits).items():
+                    out[f"q:dadh{k}"] = v
+                for k, v in precision_at(rel_sorted, self.p_ks).items():
+                    out[f"q:p{k}"] = v
             if self.opts.curves:
-                hits = np.cumsum(rel_sorted, axis=1, dtype=np.int64)[:, self.grid - 1]
-                out["s:pk"] = (hits / self.grid).sum(0)
-                out["s:pr11"], out["s:pr11_queries"] = pr11_sums(rel_sorted)
+                segments = np.add.reduceat(rel_sorted, np.concatenate([[0], self.grid[:-1]]), axis=1, dtype=np.int64)
+                out["s:pk"] = (np.cumsum(segments, axis=1) / self.grid).sum(0)
+                out["s:pr11"], out["s:pr11_queries"] = pr11_sums(rel_sorted, hits)
         if self.bits is not None and (scalars or (self.labels and self.opts.curves)):
-            bv = best[:, None]
-            before = np.count_nonzero(s > bv, axis=1)
-            tied = np.count_nonzero(s == bv, axis=1)
-            for k in self.r_ks if scalars else ():
-                out[f"q:ties_r{k}"] = expected_recall(before, tied, tied_pos, k)
-            if self.labels:
-                count, relevant = distance_histograms(s, rel, self.bits)
-                for k in self.map_ks if scalars else ():
-                    out[f"q:ties_ap{k}"] = expected_ap(count, relevant, self.n if k is None else k)
-                if scalars:
-                    out["q:ph2"], out["q:rh2"] = radius_lookup(count, relevant, 2)
-                out["s:hist_count"], out["s:hist_rel"] = count.sum(0), relevant.sum(0)
+            if hist is None and self.labels:
+                hist = distance_histograms(s, rel, self.bits)
+            bd = (-best).astype(np.int64)
+            if hist is not None:
+                rows = np.arange(s.shape[0])
+                out["q:before"] = (np.cumsum(hist[0], axis=1) - hist[0])[rows, bd]
+                out["q:tied"] = hist[0][rows, bd]
+                out["q:count"], out["q:relevant"] = hist
+            else:  # no labels: two counting passes
+                out["q:before"] = np.count_nonzero(s > best[:, None], axis=1)
+                out["q:tied"] = np.count_nonzero(s == best[:, None], axis=1)
+            out["q:tied_pos"] = np.asarray(tied_pos)
         return out
 
     def add(self, part: dict) -> None:
@@ -98,24 +104,27 @@ class ExtraStats:
 
     def names(self, prefix: str, aps: dict) -> dict[str, float]:
         """The scalars, named; ``aps``: {effective k: today's AP@k per query} from the ranking."""
-        out = {}
+        out, hamming = {}, self.bits is not None
         if self.labels:
             for k in self.map_ks:
                 out[f"{prefix}_mAP@{_name_k(k)}[ucch]"] = ucch_mean(aps[self.n if k is None else k])
             for k in self.map_ks:
                 out[f"{prefix}_mAP@{_name_k(k)}[dadh]"] = float(self._q(f"q:dadh{self.n if k is None else k}").mean())
-        if self.bits is not None and self.labels:
+        if hamming and self.labels:
+            count, relevant = self._q("q:count"), self._q("q:relevant")
             for k in self.map_ks:
-                out[f"{prefix}_mAP@{_name_k(k)}[ties]"] = float(self._q(f"q:ties_ap{k}").mean())
-        if self.bits is not None:
+                ap = expected_ap(count, relevant, self.n if k is None else k)
+                out[f"{prefix}_mAP@{_name_k(k)}[ties]"] = float(ap.mean())
+        if hamming:
+            before, tied, tied_pos = self._q("q:before"), self._q("q:tied"), self._q("q:tied_pos")
             for k in self.r_ks:
-                out[f"{prefix}_R@{k}[ties]"] = 100.0 * float(self._q(f"q:ties_r{k}").mean())
+                out[f"{prefix}_R@{k}[ties]"] = 100.0 * float(expected_recall(before, tied, tied_pos, k).mean())
         if self.labels:
             for k in self.p_ks:
                 out[f"{prefix}_P@{k}"] = float(self._q(f"q:p{k}").mean())
-        if self.bits is not None and self.labels:
-            out[f"{prefix}_P@H2"] = float(self._q("q:ph2").mean())
-            out[f"{prefix}_R@H2"] = float(self._q("q:rh2").mean())
+        if hamming and self.labels:
+            precision, recall = radius_lookup(count, relevant, 2)
+            out[f"{prefix}_P@H2"], out[f"{prefix}_R@H2"] = float(precision.mean()), float(recall.mean())
         return out
 
     def curves(self, num_queries: int) -> dict:
@@ -128,5 +137,5 @@ class ExtraStats:
                "pr11": {"recall": [i / 10 for i in range(11)],
                         "precision": (self.sums["s:pr11"] / max(n_rel, 1)).tolist()}}
         if self.bits is not None:
-            out["radius_pr"] = radius_pr(self.sums["s:hist_count"], self.sums["s:hist_rel"])
+            out["radius_pr"] = radius_pr(self._q("q:count").sum(0), self._q("q:relevant").sum(0))
         return out

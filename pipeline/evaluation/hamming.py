@@ -152,9 +152,11 @@ int hamming_topk(const uint64_t *q, const uint64_t *g, int64_t nq, int64_t ng, i
 /* The ranking of `evaluate` for Hamming scores, without a comparison sort: per row of int32 scores
    -distance (0..maxd), a stable counting order (distance ascending, gallery index ascending: the tie
    rule) of the 0/1 relevance into rel_out, and the rank of the best positive (distance bd, index bi):
-   #(d < bd) + #(d == bd, index < bi). Returns 0, or -1 on a distance outside 0..maxd. */
+   #(d < bd) + #(d == bd, index < bi). hist and rel_hist ([rows, maxd + 1], may be NULL) receive the
+   items and the relevant items per distance. Returns 0, or -1 on a distance outside 0..maxd. */
 int counting_order(const int32_t *negd, const uint8_t *rel, int64_t rows, int64_t n, int32_t maxd,
-                   const int32_t *best_negd, const int64_t *best_idx, uint8_t *rel_out, int64_t *ranks) {
+                   const int32_t *best_negd, const int64_t *best_idx, uint8_t *rel_out, int64_t *ranks,
+                   int64_t *hist, int64_t *rel_hist) {
     int64_t start[65 * 8 + 2];
     if (maxd > 65 * 8) return -1;
     for (int64_t r = 0; r < rows; r++) {
@@ -167,12 +169,22 @@ int counting_order(const int32_t *negd, const uint8_t *rel, int64_t rows, int64_
             if (d < 0 || d > maxd) return -1;
             start[d + 1]++;
         }
+        if (hist) for (int32_t d = 0; d <= maxd; d++) hist[r * (maxd + 1) + d] = start[d + 1];
         for (int32_t d = 0; d <= maxd; d++) start[d + 1] += start[d];
         const int32_t bd = -best_negd[r];
         int64_t rank = start[bd];
         for (int64_t j = 0; j < best_idx[r]; j++) rank += (-row[j] == bd);
         ranks[r] = rank;
         for (int64_t j = 0; j < n; j++) out[start[-row[j]]++] = rr[j];
+        if (rel_hist) {  /* the relevant items of each distance's segment of the ordered row */
+            int64_t a = 0;
+            for (int32_t d = 0; d <= maxd; d++) {
+                int64_t c = 0;
+                for (int64_t j = a; j < start[d]; j++) c += out[j];
+                rel_hist[r * (maxd + 1) + d] = c;
+                a = start[d];
+            }
+        }
     }
     return 0;
 }
@@ -251,7 +263,8 @@ def _compile() -> ctypes.CDLL:
     order = lib.counting_order  # used by pipeline.evaluation.counting
     order.restype = ctypes.c_int
     order.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
-                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_void_p]
     return lib
 
 

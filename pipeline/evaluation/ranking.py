@@ -106,11 +106,11 @@ class Direction:
                 aps[k].append(ap[k])
         return _concat_np(ranks), {k: _concat_np(v) for k, v in aps.items()}
 
-    def _extra(self, s, rel, rel_sorted, best, a) -> dict:
+    def _extra(self, s, rel, rel_sorted, best, a, hist=None) -> dict:
         """The `--all` values of queries ``a:a + len(s)`` (numpy), or nothing without extras."""
         if self.extras is None:
             return {}
-        return self.extras.block(s, rel, rel_sorted, best, self.tied[a - self.block_start:][: s.shape[0]])
+        return self.extras.block(s, rel, rel_sorted, best, self.tied[a - self.block_start:][: s.shape[0]], hist)
 
     # ---- CPU: numpy on L2-sized sub-blocks -------------------------------------------
     def _block_numpy(self, s, best, best_idx, a, ks, pool):
@@ -146,8 +146,8 @@ class Direction:
             return (_rank_by_count_np(s, best, best_idx), _ap_np(rel_sorted, ks),
                     self._extra(s, rel, rel_sorted, best, a))
         if self.bits is not None:  # 65 distances at 64 bits: a stable counting order, no sort
-            ranks, _ = counting_order(s, rel, best, best_idx, self.bits, rel_sorted)
-            return ranks, _ap_np(rel_sorted, ks), self._extra(s, rel, rel_sorted, best, a)
+            ranks, _, hist = counting_order(s, rel, best, best_idx, self.bits, rel_sorted, self.extras is not None)
+            return ranks, _ap_np(rel_sorted, ks), self._extra(s, rel, rel_sorted, best, a, hist)
         keys, best_key = self._keys64_np(canonical_zero(s), best, best_idx, rel)
         keys.sort(axis=1)
         ranks = np.fromiter((np.searchsorted(keys[i], best_key[i]) for i in range(r)), np.int64, r)

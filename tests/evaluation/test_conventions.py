@@ -189,3 +189,13 @@ def test_torch_path_gives_the_same_names(monkeypatch):
     assert list(forced) == list(cpu)
     for key, value in cpu.items():
         assert forced[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_without_the_compiled_loop_the_names_are_the_same(monkeypatch):
+    """The numpy fallback of the counting order (no C compiler) feeds the same names."""
+    from pipeline.evaluation import hamming
+
+    img, txt, cap, labels = make_case(8, n=10, bits=6, max_caps=4)
+    compiled = evaluate(img, txt, cap, labels, measure="hamming", all_metrics=True)
+    monkeypatch.setattr(hamming, "_kernel", lambda: None)
+    assert evaluate(img, txt, cap, labels, measure="hamming", all_metrics=True) == pytest.approx(compiled, abs=1e-12)

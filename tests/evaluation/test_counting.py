@@ -26,11 +26,16 @@ def test_counting_order_is_the_tie_rule(bits, compiled_kernel, monkeypatch):
     best = neg[np.arange(30), best_idx]
     ranks_ref, rel_ref, _ = reference(neg, rel, best, best_idx)
     assert counting.backend() == "c"  # the compiled loop, not the fallback, is what is compared here
-    ranks, out = counting_order(neg, rel, best, best_idx, bits, np.empty((30, 500), np.uint8))
+    dist = -neg
+    hist_ref = (np.stack([np.bincount(d, minlength=bits + 1) for d in dist]),
+                np.stack([np.bincount(d[r], minlength=bits + 1) for d, r in zip(dist, rel)]))
+    ranks, out, hist = counting_order(neg, rel, best, best_idx, bits, np.empty((30, 500), np.uint8), True)
     assert np.array_equal(ranks, ranks_ref) and np.array_equal(out, rel_ref)
+    assert np.array_equal(hist[0], hist_ref[0]) and np.array_equal(hist[1], hist_ref[1])
     monkeypatch.setattr(hamming, "_kernel", lambda: None)  # the numpy fallback: same answer
-    ranks, out = counting_order(neg, rel, best, best_idx, bits, np.empty((30, 500), np.uint8))
+    ranks, out, hist = counting_order(neg, rel, best, best_idx, bits, np.empty((30, 500), np.uint8), True)
     assert np.array_equal(ranks, ranks_ref) and np.array_equal(out, rel_ref)
+    assert np.array_equal(hist[0], hist_ref[0]) and np.array_equal(hist[1], hist_ref[1])
 
 
 def test_evaluate_with_counting_order_equals_the_sorted_keys(compiled_kernel, monkeypatch):
