@@ -55,13 +55,25 @@ def dadh_ap(rel_sorted: np.ndarray, ks, hits=None) -> dict[int, np.ndarray]:
     r, n = rel_sorted.shape
     rows, ordinal, position, counts = hits if hits is not None else hit_positions(rel_sorted)
     ratio = ordinal / position
+    first = np.cumsum(counts) - counts  # where each row's hits start in the flat arrays
     out = {}
-    for k in ks:
-        k = n if k is None else k
-        keep = ordinal <= k
-        sums = np.bincount(rows[keep], weights=ratio[keep], minlength=r)
-        m = np.minimum(counts, k)
-        out[k] = np.where(m > 0, sums / np.maximum(m, 1), 0.0)
+    ks = [n if k is None else int(k) for k in ks]
+    small = [k for k in ks if k < n]
+    if small:  # only each row's first k hits count: gather them, a running sum, read at min(k, hits)
+        width = max(small)
+        take = np.minimum(np.arange(width)[None, :], np.maximum(counts[:, None] - 1, 0))
+        sums = np.cumsum(np.where(np.arange(width)[None, :] < counts[:, None],
+                                  ratio[np.minimum(first[:, None] + take, max(ratio.size - 1, 0))]
+                                  if ratio.size else 0.0, 0.0), axis=1)
+        for k in small:
+            m = np.minimum(counts, k)
+            out[k] = np.where(m > 0, sums[:, k - 1] / np.maximum(m, 1), 0.0)
+    if n in ks:  # every hit counts: one sum per row
+        sums = np.zeros(r)
+        if ratio.size:
+            nonempty = counts > 0
+            sums[nonempty] = np.add.reduceat(ratio, first[nonempty])
+        out[n] = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
     return out
 
 

@@ -153,10 +153,13 @@ int hamming_topk(const uint64_t *q, const uint64_t *g, int64_t nq, int64_t ng, i
    -distance (0..maxd), a stable counting order (distance ascending, gallery index ascending: the tie
    rule) of the 0/1 relevance into rel_out, and the rank of the best positive (distance bd, index bi):
    #(d < bd) + #(d == bd, index < bi). hist and rel_hist ([rows, maxd + 1], may be NULL) receive the
-   items and the relevant items per distance. Returns 0, or -1 on a distance outside 0..maxd. */
+   items and the relevant items per distance. aps ([rows, nk], may be NULL) receives AP@k for the
+   ascending cut-offs ks (1..n): the mean over the hits within the top k of hits so far / position, 0
+   without a hit. Returns 0, or -1 on a distance outside 0..maxd. */
 int counting_order(const int32_t *negd, const uint8_t *rel, int64_t rows, int64_t n, int32_t maxd,
                    const int32_t *best_negd, const int64_t *best_idx, uint8_t *rel_out, int64_t *ranks,
-                   int64_t *hist, int64_t *rel_hist) {
+                   int64_t *hist, int64_t *rel_hist, const int64_t *ks, int64_t nk, const double *inv,
+                   double *aps) {
     int64_t start[65 * 8 + 2];
     if (maxd > 65 * 8) return -1;
     for (int64_t r = 0; r < rows; r++) {
@@ -183,6 +186,19 @@ int counting_order(const int32_t *negd, const uint8_t *rel, int64_t rows, int64_
                 for (int64_t j = a; j < start[d]; j++) c += out[j];
                 rel_hist[r * (maxd + 1) + d] = c;
                 a = start[d];
+            }
+        }
+        if (aps) {
+            /* branch-free between cut-offs (relevance is unpredictable): inv[j] = 1 / (j + 1) */
+            int64_t hits = 0, j = 0;
+            double acc = 0.0;
+            for (int64_t ki = 0; ki < nk; ki++) {
+                for (; j < ks[ki]; j++) {
+                    const int64_t h = out[j];
+                    hits += h;
+                    acc += (double)(h * hits) * inv[j];
+                }
+                aps[r * nk + ki] = hits ? acc / (double)hits : 0.0;
             }
         }
     }
@@ -264,7 +280,7 @@ def _compile() -> ctypes.CDLL:
     order.restype = ctypes.c_int
     order.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                      ctypes.c_void_p]
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 

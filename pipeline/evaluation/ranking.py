@@ -146,8 +146,9 @@ class Direction:
             return (_rank_by_count_np(s, best, best_idx), _ap_np(rel_sorted, ks),
                     self._extra(s, rel, rel_sorted, best, a))
         if self.bits is not None:  # 65 distances at 64 bits: a stable counting order, no sort
-            ranks, _, hist = counting_order(s, rel, best, best_idx, self.bits, rel_sorted, self.extras is not None)
-            return ranks, _ap_np(rel_sorted, ks), self._extra(s, rel, rel_sorted, best, a, hist)
+            ranks, _, hist, aps = counting_order(s, rel, best, best_idx, self.bits, rel_sorted,
+                                                 self.extras is not None, ks)
+            return ranks, aps or _ap_np(rel_sorted, ks), self._extra(s, rel, rel_sorted, best, a, hist)
         keys, best_key = self._keys64_np(canonical_zero(s), best, best_idx, rel)
         keys.sort(axis=1)
         ranks = np.fromiter((np.searchsorted(keys[i], best_key[i]) for i in range(r)), np.int64, r)

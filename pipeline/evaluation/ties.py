@@ -93,16 +93,20 @@ def expected_ap(count: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:
     m = np.where(has, k - a, 0)
     n, r = np.where(has, n, 0), np.where(has, r, 0)
     logf = _log_factorials(max(n_total, 1))
+    top = np.minimum(r, m)  # the straddling group's hits inside k range over 0..top
     out = np.zeros(q)
-    for x in range(int(np.minimum(r, m).max(initial=0)) + 1):
-        ok = (x <= r) & (x <= m) & (m - x <= n - r)
-        logp = (logf[r] - logf[np.clip(x, 0, None)] - logf[np.clip(r - x, 0, None)]
-                + logf[np.clip(n - r, 0, None)] - logf[np.clip(m - x, 0, None)]
-                - logf[np.clip(n - r - m + x, 0, None)] - logf[n] + logf[m] + logf[np.clip(n - m, 0, None)])
+    rows = np.arange(q)
+    for x in range(int(top.max(initial=0)) + 1):
+        rows = rows[top[rows] >= x]  # only the queries whose straddling group can hold x hits
+        rr, nn, mm, bb = r[rows], n[rows], m[rows], big_r[rows]
+        ok = mm - x <= nn - rr
+        logp = (logf[rr] - logf[x] - logf[rr - x] + logf[np.clip(nn - rr, 0, None)]
+                - logf[np.clip(mm - x, 0, None)] - logf[np.clip(nn - rr - mm + x, 0, None)]
+                - logf[nn] + logf[mm] + logf[np.clip(nn - mm, 0, None)])
         p = np.where(ok, np.exp(np.where(ok, logp, 0.0)), 0.0)
-        s = _group_sum(a, m, np.full(q, float(x)), big_r, harmonic) if x else np.zeros(q)
-        denom = big_r + x
-        out += np.where(denom > 0, p * (f + s) / np.maximum(denom, 1), 0.0)
+        gain = _group_sum(a[rows], mm, np.full(rows.size, float(x)), bb, harmonic) if x else 0.0
+        denom = bb + x
+        out[rows] += np.where(denom > 0, p * (f[rows] + gain) / np.maximum(denom, 1), 0.0)
     return out
 
 

@@ -29,12 +29,16 @@ def test_counting_order_is_the_tie_rule(bits, compiled_kernel, monkeypatch):
     dist = -neg
     hist_ref = (np.stack([np.bincount(d, minlength=bits + 1) for d in dist]),
                 np.stack([np.bincount(d[r], minlength=bits + 1) for d, r in zip(dist, rel)]))
-    ranks, out, hist = counting_order(neg, rel, best, best_idx, bits, np.empty((30, 500), np.uint8), True)
+    ranks, out, hist, aps = counting_order(neg, rel, best, best_idx, bits, np.empty((30, 500), np.uint8), True,
+                                           (1, 10, 500))
     assert np.array_equal(ranks, ranks_ref) and np.array_equal(out, rel_ref)
     assert np.array_equal(hist[0], hist_ref[0]) and np.array_equal(hist[1], hist_ref[1])
+    for k in (1, 10, 500):  # AP@k from the definition: mean over the hits in the top k of hits / position
+        want = [np.mean((np.cumsum(h[:k]) / np.arange(1, k + 1))[h[:k] == 1]) if h[:k].any() else 0.0 for h in rel_ref]
+        assert np.allclose(aps[k], want, rtol=0, atol=1e-12), k
     monkeypatch.setattr(hamming, "_kernel", lambda: None)  # the numpy fallback: same answer
-    ranks, out, hist = counting_order(neg, rel, best, best_idx, bits, np.empty((30, 500), np.uint8), True)
-    assert np.array_equal(ranks, ranks_ref) and np.array_equal(out, rel_ref)
+    ranks, out, hist, aps = counting_order(neg, rel, best, best_idx, bits, np.empty((30, 500), np.uint8), True)
+    assert np.array_equal(ranks, ranks_ref) and np.array_equal(out, rel_ref) and aps is None
     assert np.array_equal(hist[0], hist_ref[0]) and np.array_equal(hist[1], hist_ref[1])
 
 
