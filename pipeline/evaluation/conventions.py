@@ -26,7 +26,7 @@ def extra_map_ks(map_ks, n: int) -> list[int | None]:
         k = None if k is None or k <= 0 else int(k)
         if (k is None or k <= n) and k not in out:
             out.append(k)
-    return out
+    return sorted(out, key=lambda k: n + 1 if k is None else k)  # 10, 50, 100, ..., N
 
 
 def precision_at(rel_sorted: np.ndarray, ks) -> dict[int, np.ndarray]:
