@@ -247,6 +247,9 @@ def build_report(args) -> dict:
         plots.plot_quality_vs_bytes(quality, storage, paths["quality_vs_bytes"])
         paths["query_time_vs_gallery"] = out / "query_time_vs_gallery.png"
         plots.plot_time_vs_gallery(query, paths["query_time_vs_gallery"])
+        if curves := plots.load_curves(runs):  # each run's test_curves.json, one line per run
+            paths["test_curves"] = out / "test_curves.png"
+            plots.plot_curves(curves, paths["test_curves"])
 
     tables = {"quality": (QUALITY_COLUMNS, quality), "encoding": (ENCODING_COLUMNS, encoding),
               "storage": (STORAGE_COLUMNS, storage), "query_time": (QUERY_COLUMNS, query),

@@ -3,7 +3,7 @@
 
 Builds the shapes default dataset on first use when no dataset is configured, trains with
 validation every epoch, tests the best checkpoint, prints the FiCo-ITR table and writes
-<run_dir>/test_metrics.json and <run_dir>/config.yaml.
+<run_dir>/test_metrics.json, <run_dir>/test_curves.json (with labels) and <run_dir>/config.yaml.
 
 Every config key, its type, default and meaning: the dataclasses of pipeline/config.py, explained in
 docs/configuration.md; `--print-config` shows a config with its bases and overrides applied.
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     from pipeline.training.run_dir import (FINISHED, RUN_DIR_ENV, check_resume, choose_monitor, record_resume,
                                            resolve_run_dir, resume_checkpoint, slurm_job_tag)
     from pipeline.training.run_files import save_inputs
+    from pipeline.training.test_curves import log_curves_wandb, write_curves
     from pipeline.training.trainer import build_trainer, upload_best_checkpoint
 
     run_dir = resolve_run_dir(cfg)
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
         if model.test_scoring:  # how the scores were made (test_metrics.json holds numbers only)
             (run_dir / "test_scoring.json").write_text(json.dumps(model.test_scoring, indent=2) + "\n")
         (run_dir / FINISHED).write_text(json.dumps(results, indent=2) + "\n")
+        curves = getattr(model, "test_curves", {}) or {}
+        write_curves(run_dir, curves)
         print("\n" + format_tables(results, f"{cfg.run.name}: test ({'trained' if cfg.run.train else 'untrained'})"))
         if model.test_scoring:
             print(f"test scoring: {model.test_scoring['description']}")
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
         if cfg.logger.wandb:
             import wandb
 
+            log_curves_wandb(curves)
             wandb.finish()  # flush the summary now; Lightning leaves the run open until exit
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()  # without it CPU DDP runs here sometimes abort at exit

@@ -144,7 +144,9 @@ class RetrievalModule(L.LightningModule):
         self._eval_step(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
+        self.test_metrics.curves = True  # the run's test_curves.json (P@K, PR11, radius PR; needs labels)
         self.test_results = self._eval_end(self.test_metrics, "test")
+        self.test_curves = self.test_metrics.last_curves
 
     def on_fit_start(self) -> None:
         """`trainer.compile`: the encoders' forward compiled in place (nn.Module.compile: the state dict's

@@ -97,7 +97,7 @@ def test_report_hybrid_plots_markdown_and_wandb(quick_report):
             alone = next(x for x in same if x["method"] == "hash only" and x["screener"] == r["screener"])
             assert r["R@1"] == alone["R@1"]
     assert any(r["method"] == "hybrid" and r["K"] == "64" for r in hybrid)
-    for name in ("quality_vs_query_time", "quality_vs_bytes", "query_time_vs_gallery"):
+    for name in ("quality_vs_query_time", "quality_vs_bytes", "query_time_vs_gallery", "test_curves"):
         data = (quick_report / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC)
         import matplotlib.image
@@ -109,6 +109,7 @@ def test_report_hybrid_plots_markdown_and_wandb(quick_report):
                     "## 4. Hybrid", "## 5. Plots"):
         assert heading in md
     assert "![quality_vs_bytes](quality_vs_bytes.png)" in md
+    assert "![test_curves](test_curves.png)" in md  # both runs' curves from their test_curves.json
     runs = list((quick_report / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     media = list((runs[0] / "files" / "media").rglob("*"))
