@@ -1,6 +1,6 @@
 """Time and peak memory of ``pipeline.metrics.evaluate`` versus ``fico_itr``.
 
-    python benchmarks/bench_metrics.py [--quick] [--repeats 3] [--fico-repeats 1]
+    python benchmarks/bench_metrics.py [--quick] [--repeats 3] [--fico-repeats 1] [--measures hamming] [--all]
 
 COCO-size retrieval: 5,000 images x 25,000 captions (5 per image, shuffled),
 80-category multi-hot labels with COCO-like skewed frequencies; cosine on
@@ -8,7 +8,8 @@ random 256-d float32 embeddings (captions = image + noise) and hamming on
 64-bit codes (sign of a random projection of the same embeddings). Both
 methods compute everything: R@1/5/10, MedianR, MeanR and mAP@10/100/N in both
 directions; fico_itr as documented (compute_similarity + instance_retrieval +
-category_retrieval at k = 10, 100, None).
+category_retrieval at k = 10, 100, None). ``--all`` also times ``evaluate(..., all_metrics=True)``
+(every published convention, docs/protocol.md) in its own subprocess.
 
 Each (method, measure) runs in its own subprocess, so ``ru_maxrss`` is that
 method's own peak (imports and the input data included; "rss_inputs" is the
@@ -81,6 +82,14 @@ def run_ours(img, txt, cap, labels, measure):
     return evaluate(img, txt, cap, labels, measure=measure, map_ks=MAP_KS)
 
 
+def run_ours_all(img, txt, cap, labels, measure):
+    from pipeline.metrics import evaluate
+
+    if measure == "hamming":
+        img, txt = img.astype(bool), txt.astype(bool)
+    return evaluate(img, txt, cap, labels, measure=measure, map_ks=MAP_KS, all_metrics=True)
+
+
 def run_fico(img, txt, cap, labels, measure):
     from fico_itr import category_retrieval, compute_similarity, instance_retrieval
 
@@ -98,12 +107,14 @@ def run_fico(img, txt, cap, labels, measure):
 
 def worker(method: str, measure: str, n: int, m: int, repeats: int, dtype: str) -> dict:
     data = make_data(n, m, measure, dtype=np.dtype(dtype))
-    if method == "ours":
+    if method.startswith("ours"):
         import pipeline.metrics  # noqa: F401  (import cost is not part of the timing)
+        from pipeline.evaluation import hamming
+        hamming._kernel()  # the one-off build of the compiled loops is not part of the timing either
     else:
         import fico_itr  # noqa: F401
     rss_inputs = rss_mb()
-    fn = run_ours if method == "ours" else run_fico
+    fn = {"ours": run_ours, "ours_all": run_ours_all, "fico": run_fico}[method]
     times, cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -196,17 +207,18 @@ def table(runs: list[dict], agreement: dict) -> str:
              "| wall fico/ours | peak RSS ours/fico | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["measure"], r["method"]): r for r in runs}
+    names = {"ours": "evaluate", "ours_all": "evaluate all_metrics", "fico": "fico_itr"}
     for measure in ("cosine", "hamming"):
         ours, ref = by.get((measure, "ours")), by.get((measure, "fico"))
-        for r in (ours, ref):
+        for r in (ours, by.get((measure, "ours_all")), ref):
             if r is None:
                 continue
             speed = mem = diff = ""
-            if r is ours and ref is not None:
-                speed = f"{ref['median_s'] / ours['median_s']:.1f}x"
-                mem = f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:.3f}"
-                diff = f"{agreement[measure]['max_abs_diff']:.2g}"
-            lines.append(f"| {measure} | {'evaluate' if r['method'] == 'ours' else 'fico_itr'} "
+            if r is not ref and ref is not None:
+                speed = f"{ref['median_s'] / r['median_s']:.1f}x"
+                mem = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.3f}"
+                diff = f"{agreement[measure]['max_abs_diff']:.2g}" if r is ours else ""
+            lines.append(f"| {measure} | {names[r['method']]} "
                          f"| {r['median_s']:.2f} | {np.median(r['cpu_s']):.2f} | {len(r['times_s'])} "
                          f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_inputs_mb']:.0f} "
                          f"| {speed} | {mem} | {diff} |")
@@ -220,6 +232,7 @@ def main() -> None:
     parser.add_argument("--fico-repeats", type=int, default=None, help="timed runs of fico_itr (default 1, quick 2)")
     parser.add_argument("--skip-fico", action="store_true", help="time evaluate only")
     parser.add_argument("--measures", default="cosine,hamming")
+    parser.add_argument("--all", action="store_true", help="also time evaluate(..., all_metrics=True)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -244,6 +257,11 @@ def main() -> None:
         runs.append(ours)
         print(f"evaluate  {measure:8s} median {ours['median_s']:.2f} s  peak {ours['peak_rss_mb']:.0f} MB",
               flush=True)
+        if args.all:
+            every = spawn("ours_all", measure, str(n), str(m), str(args.repeats), "float32")
+            runs.append(every)
+            print(f"evaluate all_metrics {measure:8s} median {every['median_s']:.2f} s "
+                  f"({every['median_s'] / ours['median_s']:.2f}x the default set)", flush=True)
         if args.skip_fico:
             continue
         need_gb = n * m * BITS * 1.3 / 2**30 if measure == "hamming" else n * m * 24 / 2**30

@@ -71,6 +71,9 @@ def image_under(root, relative, skips: SkipLog, what: str) -> Path | None:
     machine into the shards."""
     base = Path(root).resolve()
     text = str(relative or "")
+    if "\0" in text:  # no file name holds a NUL (the OS refuses it): a broken line, not an escape
+        skips.skip("bad_path", f"{what}: {text!r} holds a NUL byte")
+        return None
     if text and not Path(text).is_absolute():
         path = (base / text).resolve()
         if path.is_relative_to(base) and path != base:

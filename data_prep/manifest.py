@@ -4,7 +4,7 @@
 
 Only `path` and `captions` are required; captions may number anything from
 one up. `path` is relative to the images folder: an absolute path, or one that
-leads outside it (`..`, a link), is skipped and counted as `outside_images`;
+leads outside it (`..`, a link), is skipped and counted as `outside_images`, one with a NUL byte as `bad_path`;
 `split` is train, val or test (anything else is skipped as `bad_split`). Labels are category indices, or names from `--categories`, or with
 `label_format="multihot"` 0/1 rows as wide as the category list. Images
 without a `split` are shuffled with `seed` and cut by `fractions`

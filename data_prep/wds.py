@@ -1,5 +1,5 @@
 """Image-text shards made by others, read where they are: `python -m data_prep wds --train GLOB [--val
-GLOB] [--test GLOB] --out DIR`.
+GLOB] [--test GLOB] --out DIR`. A GLOB may use webdataset's braces (`train-{00000..00099}.tar`).
 
 The common layout (img2dataset's, open_clip's): one record per key, `{key}.jpg` (or png / webp) and a
 caption in `{key}.txt` or in `{key}.json`'s `caption` field. The shards are scanned once, headers only
@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import logging
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -88,9 +89,31 @@ def scan_shard(path: str) -> tuple[list[tuple[str | None, str | None]], str | No
     return records, None
 
 
+BRACE = re.compile(r"\{([^{}]*)\}")
+RANGE = re.compile(r"(\d+)\.\.(\d+)")
+
+
+def braces(pattern: str) -> list[str]:
+    """webdataset's shard notation, which glob does not know: `{00000..00009}` (a range, zero-padded as
+    written), `{a,b}` (alternatives); a brace holding a glob (`train-{*}.tar`) is that glob."""
+    match = BRACE.search(pattern)
+    if not match:
+        return [pattern]
+    body, rest = match.group(1), braces(pattern[match.end():])
+    numbers = RANGE.fullmatch(body)
+    if numbers:
+        a, b = numbers.groups()
+        width = max(len(a), len(b)) if (a[0] == "0" and len(a) > 1) or (b[0] == "0" and len(b) > 1) else 0
+        step = 1 if int(b) >= int(a) else -1
+        choices = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    else:
+        choices = body.split(",")
+    return [pattern[:match.start()] + c + r for c in choices for r in rest]
+
+
 def expand(pattern: str, option: str) -> list[str]:
-    paths = sorted(str(Path(p).resolve()) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True)
-                   if Path(p).is_file())
+    found = {p for each in braces(str(Path(pattern).expanduser())) for p in glob.glob(each, recursive=True)}
+    paths = sorted({str(Path(p).resolve()) for p in found if Path(p).is_file()})
     if not paths:
         raise InputError(f"{option} {pattern}: no file matches")
     return paths
@@ -139,9 +162,11 @@ def build_wds_card(globs: dict[str, str], out: Path, name: str | None = None,
     if (out / CARD_NAME).exists():
         raise InputError(f"--out {out} holds a dataset already: give a new folder")
     paths = {split: expand(pattern, f"--{split}") for split, pattern in globs.items()}
-    shard_dirs = {str(Path(p).parent) for ps in paths.values() for p in ps}
-    if str(out.resolve()) in shard_dirs:
-        raise InputError(f"--out {out} is a shard folder: the card goes into a folder of its own")
+    shard_dirs = {Path(p).parent for ps in paths.values() for p in ps}
+    inside = [d for d in shard_dirs if out.resolve().is_relative_to(d)]  # the folder itself, or one below it
+    if inside:
+        raise InputError(f"--out {out} is in a shard folder ({inside[0]}): nothing is written there, the card "
+                         f"goes into a folder of its own")
     words: Counter = Counter()
     splits, keys, skipped = {}, {}, Counter()
     for split, shard_paths in paths.items():

@@ -63,6 +63,8 @@ class EncoderConfig:
     init: Optional[str] = None  # weights to start from: cnn: a .pt file or "shapes"; open_clip: a tag or a file
     init_steps: int = 500  # pretraining steps of the "shapes" backbone (made once, cached in data/backbones)
     freeze: bool = False  # a fixed feature extractor: no gradients, BatchNorm statistics kept
+    unlocked_layers: Optional[int] = None  # train only the last N blocks (and the final norm, projection); null: all
+    grad_checkpointing: bool = False  # recompute the blocks' activations in the backward: less memory, more time
 
 
 @dataclass
@@ -104,8 +106,10 @@ class TrainerConfig:
     precision: str = "32-true"  # Lightning's: 32-true | bf16-mixed | 16-mixed | 64-true | bf16-true | 32 | bf16 ...
     log_every_n_steps: int = 10
     ckpt_every_n_steps: int = 200  # periodic last.ckpt against crashes and SIGTERM pre-emption
+    collective_timeout: float = 600.0  # seconds a rank waits in a collective for a peer before it gives up
     limit_val_batches: Any = None  # None: all; a fraction in (0, 1] or a number of batches
     limit_test_batches: Any = None
+    compile: bool = False  # torch.compile the encoders for training (ours, not a Trainer argument)
 
 
 @dataclass
@@ -233,7 +237,11 @@ def _parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError("'base' cannot be set on the command line (it names a YAML file's parent): train "
                               "another experiment with --config NAME.yaml, or write a YAML file with "
                               "`base: NAME.yaml` and your changes")
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:  # e.g. `optim.lr=[`: the value is parsed as YAML, as in a config file
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                              f"quote it for a string (key='\"...\"') or close the brackets") from None
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:

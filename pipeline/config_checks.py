@@ -50,9 +50,12 @@ def checks(cfg) -> list[tuple[bool, str, str]]:
         (t.max_epochs >= -1 and t.max_steps >= -1, "trainer.max_epochs/max_steps", "must be >= -1 (-1: no limit)"),
         (t.num_nodes > 0, "trainer.num_nodes", "must be positive"),
         (devices_ok(t.devices), "trainer.devices",
-         f"is {t.devices!r}; Lightning takes a count (1, 2, ...), -1 (all), \"auto\", \"0,1\" or a list [0, 1]"),
+         f"is {t.devices!r}; Lightning takes a count (1, 2, ...), -1 (all), \"auto\", \"0,1\" or a list [0, 1] "
+         f"(each device once)"),
         (t.log_every_n_steps >= 1, "trainer.log_every_n_steps", "must be >= 1"),
         (t.ckpt_every_n_steps >= 0, "trainer.ckpt_every_n_steps", "must be >= 0 (0 disables)"),
+        (t.collective_timeout > 0, "trainer.collective_timeout",
+         "must be a positive number of seconds (how long ranks wait for a peer in a collective)"),
         (limit_ok(t.limit_val_batches), "trainer.limit_val_batches",
          "must be null, a fraction in (0, 1] or a number of batches >= 1"),
         (limit_ok(t.limit_test_batches), "trainer.limit_test_batches",
@@ -69,6 +72,7 @@ def checks(cfg) -> list[tuple[bool, str, str]]:
              "must be positive"),
             (enc.name != "tiny_bert" or enc.width % enc.heads == 0, f"model.{side}_encoder.heads",
              f"must divide model.{side}_encoder.width ({enc.width})"),
+            *tower_checks(enc, f"model.{side}_encoder"),
         ]
     open_clip = [enc.name.startswith("open_clip:") for enc in (img, txt)]
     checks += [
@@ -83,6 +87,25 @@ def checks(cfg) -> list[tuple[bool, str, str]]:
     return checks + config_tokens.checks(cfg)
 
 
+def tower_checks(enc, key: str) -> list[tuple[bool, str, str]]:
+    """`unlocked_layers` and `grad_checkpointing` of one encoder section (a tower's own block count is checked
+    when it is built)."""
+    unlocked = enc.unlocked_layers
+    blocks = {"cnn": 4, "tiny_bert": enc.layers}.get(enc.name)
+    return [
+        (unlocked is None or unlocked >= 0, f"{key}.unlocked_layers",
+         "must be null (train every block) or >= 0 (0: only what runs after the blocks)"),
+        (unlocked is None or not enc.freeze, f"{key}.unlocked_layers",
+         f"is {unlocked} with {key}.freeze true: a frozen tower trains no block; drop one of them"),
+        (not (enc.grad_checkpointing and enc.freeze), f"{key}.grad_checkpointing",
+         f"is true with {key}.freeze true: a frozen tower keeps no activations to recompute; drop one of them"),
+        (enc.name != "features" or (unlocked is None and not enc.grad_checkpointing), f"{key}.unlocked_layers",
+         "and grad_checkpointing are for encoders with blocks; `features` (precomputed) has none: null / false"),
+        (unlocked is None or blocks is None or unlocked <= blocks, f"{key}.unlocked_layers",
+         f"is {unlocked}, but the {enc.name} encoder has {blocks} blocks: at most {blocks}, or null"),
+    ]
+
+
 def devices_ok(devices) -> bool:
     """What Lightning's Trainer(devices=...) accepts."""
     if isinstance(devices, (bool, int)):
@@ -94,9 +117,11 @@ def devices_ok(devices) -> bool:
         parts = [p.strip() for p in text.split(",")]
         if len(parts) == 1:
             return parts[0].isdigit() and int(parts[0]) >= 1
-        return all(p.isdigit() for p in parts if p) and any(parts)
-    if isinstance(devices, (list, ListConfig)):
-        return len(devices) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in devices)
+        listed = [p for p in parts if p]
+        return all(p.isdigit() for p in listed) and any(parts) and len(set(map(int, listed))) == len(listed)
+    if isinstance(devices, (list, ListConfig)):  # device indices: each once (a device twice is two ranks on one GPU)
+        return (len(devices) > 0 and len(set(devices)) == len(devices)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in devices))
     return False
 
 

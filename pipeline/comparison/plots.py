@@ -113,3 +113,41 @@ def plot_time_vs_gallery(rows: list[dict], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def load_curves(runs) -> dict:
+    """{run name: its test_curves.json} for the runs that wrote one (docs/protocol.md, "Curves")."""
+    import json
+
+    found = {}
+    for run in runs:
+        path = Path(run.path) / "test_curves.json"
+        if path.is_file():
+            found[run.name] = json.loads(path.read_text())
+    return found
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """One row per direction, one column per curve (P@K over K, PR11, radius PR), one line per run."""
+    plt = _plt()
+    kinds = [k for k in ("p_at_k", "pr11", "radius_pr") if any(k in c.get("i2t", {}) for c in curves.values())]
+    fig, axes = plt.subplots(2, len(kinds), figsize=(5 * len(kinds), 8), squeeze=False)
+    titles = {"p_at_k": ("K", "P@K", "precision at K"), "pr11": ("recall", "interpolated precision", "11-point PR"),
+              "radius_pr": ("recall", "precision", "PR by Hamming radius")}
+    for row, direction in enumerate(("i2t", "t2i")):
+        for col, kind in enumerate(kinds):
+            ax = axes[row][col]
+            for name, own in curves.items():
+                curve = own.get(direction, {}).get(kind)
+                if curve:
+                    x = curve["k"] if kind == "p_at_k" else curve["recall"]
+                    ax.plot(x, curve["precision"], marker="." if kind != "p_at_k" else None, label=name)
+            xlabel, ylabel, title = titles[kind]
+            ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{direction}: {title}")
+            if kind == "p_at_k":
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

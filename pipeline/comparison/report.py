@@ -49,6 +49,7 @@ from pipeline.cli import int_list, progress_bar
 from pipeline.comparison import plots
 from pipeline.comparison.hybrid import HYBRID_COLUMNS, format_rows, run_hybrid
 from pipeline.comparison.measure import machine_info
+from pipeline.comparison.panels import panel_markdown, write_panels
 from pipeline.comparison.query_time import QUERY_COLUMNS, query_time_rows
 from pipeline.comparison.screeners import fine_grained_screeners, run_screeners
 from pipeline.comparison.token_costs import TOKEN_QUERY_NOTE, token_storage_rows, with_token_rows
@@ -236,8 +237,9 @@ def build_report(args) -> dict:
 
     hybrid = hybrid_section(runs, encoded, opt, device, out, progress, args.seed)
 
-    paths = {}
+    paths, panels, panel_paths = {}, [], {}
     if plots.available():
+        panels, panel_paths = write_panels(runs, encoded, out, args.seed)  # what each run retrieves, drawn
         if hybrid:
             paths["quality_vs_query_time"] = out / "quality_vs_query_time.png"
             plots.plot_quality_vs_time(hybrid, paths["quality_vs_query_time"])
@@ -245,6 +247,9 @@ def build_report(args) -> dict:
         plots.plot_quality_vs_bytes(quality, storage, paths["quality_vs_bytes"])
         paths["query_time_vs_gallery"] = out / "query_time_vs_gallery.png"
         plots.plot_time_vs_gallery(query, paths["query_time_vs_gallery"])
+        if curves := plots.load_curves(runs):  # each run's test_curves.json, one line per run
+            paths["test_curves"] = out / "test_curves.png"
+            plots.plot_curves(curves, paths["test_curves"])
 
     tables = {"quality": (QUALITY_COLUMNS, quality), "encoding": (ENCODING_COLUMNS, encoding),
               "storage": (STORAGE_COLUMNS, storage), "query_time": (QUERY_COLUMNS, query),
@@ -252,7 +257,9 @@ def build_report(args) -> dict:
     for name, (cols, rows) in tables.items():
         write_csv(out / f"{name}.csv", rows, cols)
     info["report_seconds"] = time.perf_counter() - started
-    (out / "report.md").write_text(render_markdown(runs, tables, paths, info, opt))
+    (out / "report.md").write_text(render_markdown(runs, tables, paths, info, opt)
+                                   + "\n".join(panel_markdown(panels, panel_paths)))
+    paths.update(panel_paths)  # W&B and the caller get the panels with the plots
     (out / "report.json").write_text(json.dumps({"machine": info, **{n: rows for n, (_, rows) in tables.items()}},
                                                 indent=1, default=str) + "\n")
     use_wandb = args.wandb == "on" or (args.wandb == "auto" and bool(runs[0].cfg.logger.wandb))

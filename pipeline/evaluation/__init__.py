@@ -13,7 +13,14 @@ device they are.
     exhaustive.py  chunked exhaustive top-k search
     hamming.py     the compiled Hamming top-k kernel for packed codes
     table.py       the printed result table
-    cli.py         python -m pipeline.evaluate on saved features
+    cli.py         python -m pipeline.evaluate on saved features or score matrices
+    extended.py    `all_metrics=True` / `--all`: the other published conventions, named, and the curves
+    conventions.py [ucch], [dadh], P@K from ranked relevance
+    ties.py        [ties] expectations and Hamming-radius lookup from per-distance histograms
+    counting.py    the Hamming ranking as a stable counting order (no sort)
+    curves.py      P@K over K and the 11-point interpolated PR
+    folds.py       --folds N: COCO 1K-style fold means
+    score_input.py evaluate_scores(): the protocol on (memory-mapped) score matrices
 
 A new metric goes in protocol.py (and its name in metric_names). Imports nothing from pipeline but
 `pipeline.cli` (the command line's helpers).

@@ -148,6 +148,62 @@ int hamming_topk(const uint64_t *q, const uint64_t *g, int64_t nq, int64_t ng, i
     free(cd); free(ci); free(hist);
     return 0;
 }
+
+/* The ranking of `evaluate` for Hamming scores, without a comparison sort: per row of int32 scores
+   -distance (0..maxd), a stable counting order (distance ascending, gallery index ascending: the tie
+   rule) of the 0/1 relevance into rel_out, and the rank of the best positive (distance bd, index bi):
+   #(d < bd) + #(d == bd, index < bi). hist and rel_hist ([rows, maxd + 1], may be NULL) receive the
+   items and the relevant items per distance. aps ([rows, nk], may be NULL) receives AP@k for the
+   ascending cut-offs ks (1..n): the mean over the hits within the top k of hits so far / position, 0
+   without a hit. Returns 0, or -1 on a distance outside 0..maxd. */
+int counting_order(const int32_t *negd, const uint8_t *rel, int64_t rows, int64_t n, int32_t maxd,
+                   const int32_t *best_negd, const int64_t *best_idx, uint8_t *rel_out, int64_t *ranks,
+                   int64_t *hist, int64_t *rel_hist, const int64_t *ks, int64_t nk, const double *inv,
+                   double *aps) {
+    int64_t start[65 * 8 + 2];
+    if (maxd > 65 * 8) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *row = negd + r * n;
+        const uint8_t *rr = rel + r * n;
+        uint8_t *out = rel_out + r * n;
+        memset(start, 0, sizeof(int64_t) * (size_t)(maxd + 2));
+        for (int64_t j = 0; j < n; j++) {
+            int32_t d = -row[j];
+            if (d < 0 || d > maxd) return -1;
+            start[d + 1]++;
+        }
+        if (hist) for (int32_t d = 0; d <= maxd; d++) hist[r * (maxd + 1) + d] = start[d + 1];
+        for (int32_t d = 0; d <= maxd; d++) start[d + 1] += start[d];
+        const int32_t bd = -best_negd[r];
+        int64_t rank = start[bd];
+        for (int64_t j = 0; j < best_idx[r]; j++) rank += (-row[j] == bd);
+        ranks[r] = rank;
+        for (int64_t j = 0; j < n; j++) out[start[-row[j]]++] = rr[j];
+        if (rel_hist) {  /* the relevant items of each distance's segment of the ordered row */
+            int64_t a = 0;
+            for (int32_t d = 0; d <= maxd; d++) {
+                int64_t c = 0;
+                for (int64_t j = a; j < start[d]; j++) c += out[j];
+                rel_hist[r * (maxd + 1) + d] = c;
+                a = start[d];
+            }
+        }
+        if (aps) {
+            /* branch-free between cut-offs (relevance is unpredictable): inv[j] = 1 / (j + 1) */
+            int64_t hits = 0, j = 0;
+            double acc = 0.0;
+            for (int64_t ki = 0; ki < nk; ki++) {
+                for (; j < ks[ki]; j++) {
+                    const int64_t h = out[j];
+                    hits += h;
+                    acc += (double)(h * hits) * inv[j];
+                }
+                aps[r * nk + ki] = hits ? acc / (double)hits : 0.0;
+            }
+        }
+    }
+    return 0;
+}
 """
 
 _lib = None
@@ -220,6 +276,11 @@ def _compile() -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    order = lib.counting_order  # used by pipeline.evaluation.counting
+    order.restype = ctypes.c_int
+    order.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 

@@ -41,9 +41,11 @@ class RetrievalMetrics(Metric):
 
     def __init__(self, measure: str = "cosine", ks: Sequence[int] = (1, 5, 10),
                  map_ks: Sequence[int | None] = (10, 100, None), chunk_size: int | None = None,
-                 code_prefixes: Sequence[int] = (), **kwargs):
+                 code_prefixes: Sequence[int] = (), curves: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.measure, self.ks, self.map_ks, self.chunk_size = measure, tuple(ks), tuple(map_ks), chunk_size
+        # curves: `compute` also keeps the full codes' curves (P@K, PR11, radius PR) in `last_curves`
+        self.curves, self.last_curves = curves, {}
         if code_prefixes and (measure != "hamming" or any(p <= 0 or p % 8 for p in code_prefixes)):
             raise ValueError(f"code_prefixes {tuple(code_prefixes)} need hamming codes and multiples of 8 bits")
         self.code_prefixes = tuple(code_prefixes)
@@ -139,7 +141,11 @@ class RetrievalMetrics(Metric):
     def compute(self) -> dict[str, float]:
         img_keep, txt_keep, caption_image, labels = self._aligned()
         image, text = _cat(self.image_feats)[img_keep], _cat(self.text_feats)[txt_keep]
-        results = self._evaluate(image, text, caption_image, labels)
+        if self.curves and labels is not None:
+            results, self.last_curves = evaluate(image, text, caption_image, labels, measure=self.measure, ks=self.ks,
+                                                 map_ks=self.map_ks, chunk_size=self.chunk_size, curves=True)
+        else:
+            results = self._evaluate(image, text, caption_image, labels)
         for bits in self.code_prefixes:
             prefix = self._evaluate(image[:, :bits // 8], text[:, :bits // 8], caption_image, labels)
             results.update({f"{bits}bit/{name}": value for name, value in prefix.items()})

@@ -23,10 +23,11 @@ Algorithm (per block of query rows; never the N x M matrix, never N x M x bits)
   (0 when none): fico_itr's definition. The short prefixes (10, 100) use a
   cumulative sum; the whole gallery only the hit positions ``p_j`` (one
   ``flatnonzero``): AP@N = mean_j ``(j + 1) / (p_j + 1)``. float32 scores use
-  int64 keys; hamming scores
-  (``-distance``, 0..bits) use int32 keys ``distance << b | 2 * index +
-  relevant`` (half the bytes: sorting is the dominant cost); float64 scores
-  cannot share 64 bits with the index and use a stable argsort instead.
+  int64 keys; float64 scores cannot share 64 bits with the index and use a
+  stable argsort instead. Hamming scores (``-distance``, 0..bits) need no sort
+  on CPU: a stable counting order over the bits + 1 distances (counting.py) is
+  the tie rule exactly; on other devices int32 keys ``distance << b | 2 *
+  index + relevant``.
 * CPU: numpy does the per-element work (its AVX-512 sort is 3-8x faster than
   ``torch.sort`` here, and its single-threaded ops do not stall the way torch's
   OpenMP ops do when another process holds a core), on sub-blocks of ~2**17
@@ -41,6 +42,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from pipeline.evaluation.extended import DEFAULT_P_KS, ExtraOptions, ExtraStats
 from pipeline.evaluation.ranking import Direction, Relevance, effective_k
 from pipeline.evaluation.scores import as_tensor, default_chunk_size, prepare, score_dtype, score_prepared
 
@@ -66,7 +68,8 @@ def metric_names(ks: Sequence[int] = (1, 5, 10), map_ks: Sequence[int | None] = 
 @torch.no_grad()
 def evaluate(image_feats, text_feats, caption_image, image_labels=None, measure: str = "cosine",
              ks: Iterable[int] = (1, 5, 10), map_ks: Iterable[int | None] = (10, 100, None),
-             chunk_size: int | None = None, num_threads: int | None = None) -> dict[str, float]:
+             chunk_size: int | None = None, num_threads: int | None = None, all_metrics: bool = False,
+             p_ks: Iterable[int] = DEFAULT_P_KS, curves: bool = False):
     """FiCo-ITR instance- and category-level retrieval metrics.
 
     Args:
@@ -82,6 +85,11 @@ def evaluate(image_feats, text_feats, caption_image, image_labels=None, measure:
         chunk_size: score elements per block (bounds memory); None = default.
         num_threads: CPU worker threads for the ranking work (default: torch's
             intra-op thread count, at most 4). Ignored on GPU.
+        all_metrics: also every other published convention (docs/protocol.md,
+            "Other conventions": ``mAP@k[ucch]``, ``mAP@k[dadh]``, ``P@K`` for K in
+            ``p_ks``, and for hamming ``[ties]``, ``P@H2``, ``R@H2``), after today's names.
+        curves: return ``(results, curves)``: P@K over K, PR11 and (hamming) the radius
+            PR per direction (needs labels; implies nothing about ``all_metrics``).
 
     Tensors or numpy arrays; runs on ``image_feats``' device. Returns Python
     floats named as in docs/protocol.md: R@K in percent, mAP as fractions.
@@ -104,21 +112,25 @@ def evaluate(image_feats, text_feats, caption_image, image_labels=None, measure:
                          dtype=score_dtype(img_p, txt_p, measure), device=device)
     scorers = {"i2t": feature_blocks(img_p, txt_p, measure, buffer), "t2i": feature_blocks(txt_p, img_p, measure, buffer)}
     bits = 8 * img_p.shape[1] if measure == "hamming" else None  # packed bytes
-    return _rank_and_summarise(scorers, n, m, cap, labels, bits, ks, map_ks, chunk_size, device, num_threads)
+    extra = ExtraOptions(map_ks, ks, tuple(int(k) for k in p_ks), curves, all_metrics) if all_metrics or curves else None
+    results, curve = _rank_and_summarise(scorers, n, m, cap, labels, bits, ks, map_ks, chunk_size, device,
+                                         num_threads, extra, all_metrics)
+    return (results, curve) if curves else results
 
 
 @torch.no_grad()
 def evaluate_blocks(score_i2t: Callable[[int, int], torch.Tensor], score_t2i: Callable[[int, int], torch.Tensor],
                     num_images: int, caption_image, image_labels=None, ks: Iterable[int] = (1, 5, 10),
                     map_ks: Iterable[int | None] = (10, 100, None), chunk_size: int | None = None,
-                    num_threads: int | None = None, device="cpu") -> dict[str, float]:
+                    num_threads: int | None = None, device="cpu", all_metrics: bool = False,
+                    p_ks: Iterable[int] = DEFAULT_P_KS, curves: bool = False):
     """The protocol on scores supplied block by block, from any scorer (a token-level model, a
     two-stage ranking): the same ranks, tie rule and metrics as :func:`evaluate`.
 
     ``score_i2t(a, b)`` returns the scores ``[b - a, M]`` of images ``a:b`` against every caption,
     ``score_t2i(a, b)`` those ``[b - a, N]`` of captions ``a:b`` against every image, as floating
     tensors on ``device`` (float64 takes a slower exact path). Blocks hold about ``chunk_size``
-    scores. The other arguments are :func:`evaluate`'s.
+    scores. The other arguments are :func:`evaluate`'s (the hamming-only names never come from scores).
     """
     ks, map_ks = tuple(int(k) for k in ks), tuple(map_ks)
     device = torch.device(device)
@@ -128,8 +140,11 @@ def evaluate_blocks(score_i2t: Callable[[int, int], torch.Tensor], score_t2i: Ca
     labels = None if image_labels is None else _labels_matrix(image_labels, n, device)
     m = cap.numel()
     scorers = {"i2t": _checked(score_i2t, m, "score_i2t"), "t2i": _checked(score_t2i, n, "score_t2i")}
-    return _rank_and_summarise(scorers, n, m, cap, labels, None, ks, map_ks, chunk_size or default_chunk_size(device),
-                               device, num_threads)
+    extra = ExtraOptions(map_ks, ks, tuple(int(k) for k in p_ks), curves, all_metrics) if all_metrics or curves else None
+    results, curve = _rank_and_summarise(scorers, n, m, cap, labels, None, ks, map_ks,
+                                         chunk_size or default_chunk_size(device), device, num_threads, extra,
+                                         all_metrics)
+    return (results, curve) if curves else results
 
 
 def feature_blocks(q: torch.Tensor, g: torch.Tensor, measure: str, buffer: torch.Tensor | None = None):
@@ -160,9 +175,11 @@ def _rows(nq: int, n: int, chunk_size: int) -> int:
 
 
 def _rank_and_summarise(scorers: dict, n: int, m: int, cap, labels, bits, ks, map_ks, chunk_size: int, device,
-                        num_threads) -> dict[str, float]:
+                        num_threads, extra: ExtraOptions | None = None, all_metrics: bool = False):
+    """(today's names, then the `--all` names when asked; {direction: curves} when ``extra``)."""
     with_map = labels is not None and len(map_ks) > 0
-    relevance = Relevance(labels, cap) if with_map else None
+    with_labels = labels is not None
+    relevance = Relevance(labels, cap) if with_labels else None
     on_cpu = device.type == "cpu" and not _FORCE_TORCH
     threads = 1 if not on_cpu else (num_threads or min(4, torch.get_num_threads()))
     # positive (query, gallery) pairs, sorted by query then gallery index
@@ -171,14 +188,23 @@ def _rank_and_summarise(scorers: dict, n: int, m: int, cap, labels, bits, ks, ma
         "i2t": Direction(scorers["i2t"], n, m, bits, cap[by_image], by_image, relevance, "i2t"),
         "t2i": Direction(scorers["t2i"], m, n, bits, torch.arange(m, device=device), cap, relevance, "t2i"),
     }
-    out, rsum = {}, 0.0
+    out, rsum, more, curves = {}, 0.0, {}, {}
     with ThreadPoolExecutor(threads) if threads > 1 else _NoPool() as pool:
         for prefix, d in directions.items():
-            ranks, aps = d.run(_rows(d.nq, d.n, chunk_size), on_cpu, pool, map_ks if with_map else ())
+            stats = None if extra is None else ExtraStats(d.n, bits, with_labels, extra)
+            run_ks = tuple(map_ks if with_map else ()) + tuple(stats.ap_ks() if stats else ())
+            if stats is not None and with_labels and not run_ks:
+                run_ks = (None,)  # the ranked relevance is made only where an AP is asked for
+            ranks, aps = d.run(_rows(d.nq, d.n, chunk_size), on_cpu, pool, run_ks, stats)
             out.update(_summarise(prefix, ranks, aps, ks, map_ks if with_map else (), d.n))
             rsum += sum(100.0 * float(np.count_nonzero(ranks < k)) / ranks.size for k in _RSUM_KS)
+            if stats is not None:
+                more.update(stats.names(prefix, aps) if all_metrics else {})
+                curves[prefix] = stats.curves(d.nq)
     out["rsum"] = rsum
-    return {name: out[name] for name in metric_names(ks, map_ks, with_map)}
+    results = {name: out[name] for name in metric_names(ks, map_ks, with_map)}
+    results.update(more)
+    return results, curves
 
 
 def _check_inputs(img, txt, cap, measure) -> torch.Tensor:

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import torch
 
+from pipeline.evaluation.counting import counting_order
 from pipeline.evaluation.scores import canonical_zero, float_bits_key, order_key32, pack_keys
 
 _SUB_BLOCK = 1 << 17  # elements per CPU sub-block: keys + scratch fit in L2
@@ -83,14 +84,17 @@ class Direction:
         self.relevance = relevance
         self.local = threading.local()  # per-thread numpy buffers
 
-    def run(self, rows: int, on_cpu: bool, pool, map_ks):
-        """Score ``rows`` queries at a time; return ranks and {k: AP@k}."""
+    def run(self, rows: int, on_cpu: bool, pool, map_ks, extras=None):
+        """Score ``rows`` queries at a time; return ranks and {k: AP@k}. ``extras`` (an
+        ``extended.ExtraStats``) receives every block's values for the `--all` names."""
+        self.extras = extras
         ks = sorted({effective_k(k, self.n) for k in map_ks})
         ranks, aps = [], {k: [] for k in ks}
         for a in range(0, self.nq, rows):
             b = min(a + rows, self.nq)
             s = self.score(a, b)
-            best, best_idx = _best_positive(s, self.pos_q, self.pos_g, self.starts, a, b)
+            best, best_idx, tied = _best_positive(s, self.pos_q, self.pos_g, self.starts, a, b)
+            self.tied = tied.cpu().numpy()
             if on_cpu:
                 r, ap = self._block_numpy(s.numpy(), best.numpy(), best_idx.numpy(), a, ks, pool)
             else:
@@ -102,12 +106,22 @@ class Direction:
                 aps[k].append(ap[k])
         return _concat_np(ranks), {k: _concat_np(v) for k, v in aps.items()}
 
+    def _extra(self, s, rel, rel_sorted, best, a, hist=None) -> dict:
+        """The `--all` values of queries ``a:a + len(s)`` (numpy), or nothing without extras."""
+        if self.extras is None:
+            return {}
+        return self.extras.block(s, rel, rel_sorted, best, self.tied[a - self.block_start:][: s.shape[0]], hist)
+
     # ---- CPU: numpy on L2-sized sub-blocks -------------------------------------------
     def _block_numpy(self, s, best, best_idx, a, ks, pool):
         sub = max(1, _SUB_BLOCK // self.n)
         starts = range(0, s.shape[0], sub)
+        self.block_start = a
         parts = list(pool.map(lambda i: self._sub_numpy(s[i:i + sub], best[i:i + sub],
                                                         best_idx[i:i + sub], a + i, ks), starts))
+        for p in parts:  # in query order, in this thread
+            if self.extras is not None:
+                self.extras.add(p[2])
         ranks = np.concatenate([p[0] for p in parts])
         return ranks, {k: np.concatenate([p[1][k] for p in parts]) for k in ks}
 
@@ -123,22 +137,24 @@ class Direction:
     def _sub_numpy(self, s, best, best_idx, a, ks):
         r, n = s.shape
         if not ks:
-            return _rank_by_count_np(s, best, best_idx), {}
+            return _rank_by_count_np(s, best, best_idx), {}, self._extra(s, None, None, best, a)
         rel = self.relevance.rows_np(self.name, a, a + r, self._buf("rel", (r, n), np.bool_))
         rel_sorted = self._buf("rel_sorted", (r, n), np.uint8)
         if s.dtype == np.float64:  # no room for the index in the key: stable argsort
             order = np.argsort(-s, axis=1, kind="stable")
             rel_sorted[...] = np.take_along_axis(rel.view(np.uint8), order, axis=1)
-            return _rank_by_count_np(s, best, best_idx), _ap_np(rel_sorted, ks)
-        if self.bits is not None and self.bits << _index_bits(n) < 2**31:
-            keys, best_key = self._keys_hamming_np(s, best, best_idx, rel)
-        else:
-            keys, best_key = self._keys64_np(canonical_zero(s), best, best_idx, rel)
+            return (_rank_by_count_np(s, best, best_idx), _ap_np(rel_sorted, ks),
+                    self._extra(s, rel, rel_sorted, best, a))
+        if self.bits is not None:  # 65 distances at 64 bits: a stable counting order, no sort
+            ranks, _, hist, aps = counting_order(s, rel, best, best_idx, self.bits, rel_sorted,
+                                                 self.extras is not None, ks)
+            return ranks, aps or _ap_np(rel_sorted, ks), self._extra(s, rel, rel_sorted, best, a, hist)
+        keys, best_key = self._keys64_np(canonical_zero(s), best, best_idx, rel)
         keys.sort(axis=1)
         ranks = np.fromiter((np.searchsorted(keys[i], best_key[i]) for i in range(r)), np.int64, r)
         # relevance = bit 0 of each key = bit 0 of its first byte (little-endian)
         np.bitwise_and(keys.view(np.uint8)[:, :: keys.itemsize], 1, out=rel_sorted)
-        return ranks, _ap_np(rel_sorted, ks)
+        return ranks, _ap_np(rel_sorted, ks), self._extra(s, rel, rel_sorted, best, a)
 
     def _keys64_np(self, s, best, best_idx, rel):
         """``order_key32(score) << 32 | 2 * index + relevant`` written into one buffer."""
@@ -151,20 +167,11 @@ class Direction:
         best_key = pack_keys(order_key32(best.astype(np.float32)), 2 * best_idx.astype(np.int32))
         return keys, best_key
 
-    def _keys_hamming_np(self, s, best, best_idx, rel):
-        """int32 ``(distance - 1) << b | 2 * index + relevant``; scores are ``-distance``."""
-        r, n = s.shape
-        shift = _index_bits(n)
-        keys = np.invert(s, out=self._buf("keys32", (r, n), np.int32))  # ~(-d) = d - 1
-        keys <<= shift
-        keys |= _even(n)
-        keys |= rel
-        best_key = (~best << shift) | (2 * best_idx).astype(np.int32)
-        return keys, best_key
-
     # ---- other devices: the same keys in torch -----------------------------------------
     def _block_torch(self, s, best, best_idx, a, ks):
+        self.block_start = a
         if not ks:
+            self._extra_torch(s, None, None, best, a)
             return _rank_by_count_torch(s, best, best_idx), {}
         r, n = s.shape
         rel = self.relevance.rows(self.name, a, a + r)
@@ -172,6 +179,7 @@ class Direction:
         if s.dtype == torch.float64:
             order = torch.sort(s, dim=1, descending=True, stable=True).indices
             hits = rel.gather(1, order).to(torch.int32)
+            self._extra_torch(s, rel, hits, best, a)
             return _rank_by_count_torch(s, best, best_idx), _ap_torch(hits, ks)
         if self.bits is not None and self.bits << _index_bits(n) < 2**31:
             shift = _index_bits(n)
@@ -182,7 +190,15 @@ class Direction:
             best_key = pack_keys(order_key32(best), 2 * best_idx)
         keys = torch.sort(keys, dim=1).values
         ranks = torch.searchsorted(keys, best_key[:, None]).squeeze(1)
+        self._extra_torch(s, rel, keys & 1, best, a)
         return ranks, _ap_torch((keys & 1).to(torch.int32), ks)
+
+    def _extra_torch(self, s, rel, rel_sorted, best, a) -> None:
+        """The `--all` values on the host (a copy of the block: `--all` is not the fast path)."""
+        if self.extras is not None:
+            host = (lambda t: None if t is None else t.cpu().numpy())
+            sorted_np = None if rel_sorted is None else host(rel_sorted.to(torch.uint8))
+            self.extras.add(self._extra(host(s), host(rel), sorted_np, host(best), a))
 
 
 def _concat_np(parts) -> np.ndarray:
@@ -206,7 +222,8 @@ def _even(n: int) -> np.ndarray:
 
 
 def _best_positive(s: torch.Tensor, pos_q, pos_g, starts, a: int, b: int):
-    """Per query of ``a:b``: (score, gallery index) of its best positive under the tie rule."""
+    """Per query of ``a:b``: (score, gallery index) of its best positive under the tie rule, and how many
+    of its positives score exactly that much."""
     p0, p1 = int(starts[a]), int(starts[b])
     ql, gl = pos_q[p0:p1] - a, pos_g[p0:p1]
     vals = s[ql, gl]
@@ -214,7 +231,8 @@ def _best_positive(s: torch.Tensor, pos_q, pos_g, starts, a: int, b: int):
     # among the positives with the best score, the smallest gallery index
     cand = torch.where(vals == best[ql], gl, torch.iinfo(torch.int64).max)
     idx = gl.new_empty(b - a).scatter_reduce_(0, ql, cand, "amin", include_self=False)
-    return best, idx
+    tied = torch.zeros(b - a, dtype=torch.int64, device=s.device).index_add_(0, ql, (vals == best[ql]).long())
+    return best, idx, tied
 
 
 def _rank_by_count_np(s, best, best_idx) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ def export_run(run_dir, out, checkpoint: str = "best") -> Path:
     from safetensors.torch import save_file
 
     run_dir, out = Path(run_dir), Path(out)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run folder (give a folder train.py wrote, runs/<name>)")
     if out.exists():
         raise RunError(f"--out {out} exists: give a new folder (an export is never written into another one)")
     if not has_inputs(run_dir):
@@ -49,6 +52,7 @@ def export_run(run_dir, out, checkpoint: str = "best") -> Path:
                 shutil.copyfile(run_dir / name, staged / name)
         copy_inputs(run_dir, staged)
         atomic_write_bytes(staged / "README.md", model_card(run, read_provenance(run_dir)).encode())
+        _shareable(staged)
         staged.rename(out)
     except BaseException:
         remove_tree(staged)
@@ -56,12 +60,22 @@ def export_run(run_dir, out, checkpoint: str = "best") -> Path:
     return out
 
 
+def _shareable(folder: Path) -> None:
+    """One mode for the whole export, as the user's umask gives a new file (0644 under the usual 022):
+    safetensors and atomic writes create their files private (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _encoder_line(enc) -> str:
     extra = f", init {enc.init}" if enc.init else ""
     return f"{enc.name} (width {enc.width}{extra}{', frozen' if enc.freeze else ''})"
 
 
-def _family_line(run: Run) -> str:
+def family_line(run: Run) -> str:
+    """The model in one phrase (the model card's and the search page's)."""
     if run.family == "hash":
         return f"cross-modal hashing, {run.dim}-bit codes compared by Hamming distance"
     if run.tokens:
@@ -84,7 +98,7 @@ def _token_rows(run: Run) -> list[str]:
 def model_card(run: Run, provenance: dict | None) -> str:
     cfg = run.cfg
     d = cfg.data
-    lines = [f"# {run.name}", "", f"An image-text retrieval model: {_family_line(run)}. Exported from `{run.path}` "
+    lines = [f"# {run.name}", "", f"An image-text retrieval model: {family_line(run)}. Exported from `{run.path}` "
              f"(`{run.checkpoint.name}`) by `python -m pipeline.export`.", "",
              "| | |", "|---|---|", f"| family | {cfg.model.kind}{f' ({cfg.hash.objective})' if run.family == 'hash' else ''} |", f"| representation | {run.representation} |",
              *_token_rows(run),

@@ -3,14 +3,16 @@ decoded in DataLoader workers with a run's own evaluation preprocessing.
 
 Never read outside the folder: a link (to a file or a folder) that leads outside it is skipped as
 `outside_folder`, and a linked folder inside it as `linked_folder` (its files are read where they
-are). A file that cannot be opened is `unreadable`, one that is not an image `not_an_image`, an image
-that fails to decode `corrupt`. Skipped files are counted and listed, never fatal.
+are). A FIFO, socket or device is `not_a_file` (reading one could wait forever). A file that cannot be
+opened is `unreadable`, one that is not an image `not_an_image`, an image that fails to decode `corrupt`.
+Skipped files are counted and listed, never fatal.
 """
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -23,6 +25,15 @@ def _inside(path: Path, root: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _regular(path: Path) -> bool:
+    """Whether `path` (a link followed) is a regular file; one that cannot be looked at counts as one, for
+    load_image to say what is wrong with it."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return True
 
 
 def scan_images(folder) -> tuple[list[str], list[tuple[str, str]]]:
@@ -44,6 +55,8 @@ def scan_images(folder) -> tuple[list[str], list[tuple[str, str]]]:
             path = here / name
             if path.is_symlink() and not _inside(path, real_root):
                 skipped.append((path.relative_to(root).as_posix(), "outside_folder"))
+            elif not _regular(path):
+                skipped.append((path.relative_to(root).as_posix(), "not_a_file"))
             else:
                 files.append(path.relative_to(root).as_posix())
     return sorted(files), sorted(skipped)
@@ -52,13 +65,24 @@ def scan_images(folder) -> tuple[list[str], list[tuple[str, str]]]:
 def load_image(path: Path, transform: Callable) -> tuple[torch.Tensor | None, str | None]:
     """(pixels, None), or (None, the reason it was skipped)."""
     try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            image = image.convert("RGB")
-    except UnidentifiedImageError:
-        return None, "not_an_image"
+        f = open(path, "rb")
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         return None, "unreadable"
+    with f:
+        return decode_image(f, transform)
+
+
+def decode_image(f: BinaryIO, transform: Callable, max_pixels: int | None = None
+                 ) -> tuple[torch.Tensor | None, str | None]:
+    """An open image file (or uploaded bytes) as pixels: (pixels, None), or (None, `not_an_image` |
+    `corrupt` | `too_large`: over `max_pixels`, told by the header before anything is decoded)."""
+    try:
+        image = Image.open(f)
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            return None, "too_large"
+        image = image.convert("RGB")
+    except UnidentifiedImageError:
+        return None, "not_an_image"
     except Exception:  # a truncated or damaged image, a decompression bomb
         return None, "corrupt"
     return transform(image), None

@@ -33,6 +33,19 @@ INDEX_FILE, ITEMS_FILE, BLOCKS = "index.json", "items.jsonl", "blocks"
 MAX_LISTED_SKIPS = 1000  # the summary lists at most this many skipped files (all are counted)
 
 
+class IndexDamaged(ValueError):
+    """A file of an index that is missing or cannot be read (the message names it)."""
+
+
+def _load_block(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise IndexDamaged(f"{BLOCKS}/{path.name} is missing") from None
+    except (OSError, ValueError) as e:  # a cut file: its header or its rows are short
+        raise IndexDamaged(f"{BLOCKS}/{path.name} cannot be read ({str(e).splitlines()[0]})") from None
+
+
 def as_arrays(features) -> dict[str, np.ndarray]:
     """gallery_features' output as named numpy arrays."""
     if isinstance(features, dict):
@@ -110,7 +123,7 @@ class GalleryReader:
         """(first row, array) of each block, in gallery order."""
         first = 0
         for b, rows in enumerate(self.meta["blocks"]):
-            yield first, np.load(self.folder / BLOCKS / f"{b:06d}.{name}.npy", mmap_mode="r")
+            yield first, _load_block(self.folder / BLOCKS / f"{b:06d}.{name}.npy")
             first += rows
 
     def rows(self, name: str, positions: np.ndarray) -> np.ndarray:
@@ -124,13 +137,19 @@ class GalleryReader:
         out = np.empty((len(positions), *layout["shape"]), dtype=layout["dtype"])
         for b in np.unique(block_of):
             here = block_of == b
-            block = np.load(self.folder / BLOCKS / f"{b:06d}.{name}.npy", mmap_mode="r")
+            block = _load_block(self.folder / BLOCKS / f"{b:06d}.{name}.npy")
             out[here] = block[positions[here] - starts[b]]
         return out
 
     def items(self) -> list[str]:
-        with open(self.folder / ITEMS_FILE, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        try:
+            with open(self.folder / ITEMS_FILE, encoding="utf-8") as f:
+                items = [json.loads(line) for line in f]
+        except (OSError, ValueError) as e:  # missing, or a line cut short
+            raise IndexDamaged(f"{ITEMS_FILE} cannot be read ({e.__class__.__name__})") from None
+        if len(items) != self.count:
+            raise IndexDamaged(f"{ITEMS_FILE} holds {len(items)} items, {INDEX_FILE} says {self.count}")
+        return items
 
 
 def search_blocks(queries: torch.Tensor, gallery: GalleryReader, k: int, measure: str):

@@ -5,6 +5,7 @@
     python -m pipeline.search query --index INDEX --text "a red circle" -k 10
     python -m pipeline.search query --index INDEX --image photo.jpg -k 10
     python -m pipeline.search query --index INDEX --queries FILE -k 10      # one text per line
+    python -m pipeline.search serve --index INDEX [--port 8000]            # a search page on 127.0.0.1
 
 A query prints one JSON line: {"query": ..., "results": [{"path" | "text": ..., "score": ...}, ...]},
 best first: cosine similarity for fine-grained runs, Hamming distance for hashing runs (smallest
@@ -30,10 +31,12 @@ import torch
 
 from pipeline.cli import progress_bar
 from pipeline.inference.folder import image_batches, load_image, scan_images
-from pipeline.inference.index import (INDEX_FILE, MAX_LISTED_SKIPS, GalleryReader, IndexWriter, search_blocks)
+from pipeline.inference.index import (INDEX_FILE, MAX_LISTED_SKIPS, GalleryReader, IndexDamaged, IndexWriter,
+                                      search_blocks)
 from pipeline.inference.runs import Run, RunError, load_run
 
 BLOCK_ROWS = 1 << 16  # gallery rows per block file
+META_KEYS = ("gallery", "run", "measure", "arrays", "count", "blocks", "root")  # what a query reads of index.json
 
 
 class SearchError(RunError):
@@ -156,6 +159,13 @@ class SearchIndex:
             meta = json.loads((folder / INDEX_FILE).read_text())
         except (OSError, ValueError):
             raise SearchError(f"--index {folder}: not an index (no readable {INDEX_FILE})") from None
+        missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+        if missing or not isinstance(meta["run"], dict) or not {"path", "fingerprint"} <= set(meta["run"]):
+            raise SearchError(f"--index {folder}: {INDEX_FILE} lacks {', '.join(missing) or 'run.path'} (damaged, or "
+                              f"not written by this tool): build the index again")
+        if run is None and not Path(meta["run"]["path"]).is_dir():
+            raise SearchError(f"--index {folder} was built with {meta['run']['path']}, which is no longer there: give "
+                              f"the run's new folder (or its export) with --run")
         run = run if isinstance(run, Run) else load_run(run or meta["run"]["path"])
         if run.fingerprint != meta["run"]["fingerprint"]:
             raise SearchError(f"--index {folder} was built with {meta['run']['path']} and {run.path}'s weights "
@@ -168,24 +178,41 @@ class SearchIndex:
     @property
     def items(self) -> list[str]:
         if self._items is None:
-            self._items = self.gallery.items()
+            try:
+                self._items = self.gallery.items()
+            except IndexDamaged as e:
+                raise SearchError(f"--index {self.folder}: {e}: build the index again") from None
         return self._items
 
     def search(self, queries, k: int, screen_k: int | None = None) -> list[list[tuple[str, float]]]:
         """Top-k (item, score) per query, given the queries' gallery_features. `screen_k`: a token-level
         run's screen depth (default: its tokens.screen_k)."""
+        return self.named(self.ranked(queries, k, screen_k))
+
+    def ranked(self, queries, k: int, screen_k: int | None = None) -> list[list[tuple[int, float]]]:
+        """Top-k (gallery position, score) per query: what `search` names."""
         module = self.run.module
-        if hasattr(module, "search_gallery"):  # a family with its own search (screen, then tokens)
-            scores, positions = module.search_gallery(queries, self.gallery, k, screen_k)
-        else:
-            scores, positions = search_blocks(queries, self.gallery, k, self.meta["measure"])
+        try:
+            if hasattr(module, "search_gallery"):  # a family with its own search (screen, then tokens)
+                scores, positions = module.search_gallery(queries, self.gallery, k, screen_k)
+            else:
+                scores, positions = search_blocks(queries, self.gallery, k, self.meta["measure"])
+        except IndexDamaged as e:
+            raise SearchError(f"--index {self.folder}: {e}: build the index again") from None
         hamming = self.meta["measure"] == "hamming"
-        return [[(self._item(p), int(-s) if hamming else float(s)) for s, p in zip(row_s.tolist(), row_p.tolist())]
+        return [[(p, int(-s) if hamming else float(s)) for s, p in zip(row_s.tolist(), row_p.tolist())]
                 for row_s, row_p in zip(scores, positions)]
+
+    def named(self, ranked: list[list[tuple[int, float]]]) -> list[list[tuple[str, float]]]:
+        return [[(self._item(p), s) for p, s in row] for row in ranked]
 
     def _item(self, position: int) -> str:
         item = self.items[position]
         return str(Path(self.meta["root"]) / item) if self.item_key == "path" else item
+
+    def line(self, query: str, found: list[tuple[str, float]]) -> str:
+        """The JSON line `query` prints for one query and its (item, score) list."""
+        return result_line(query, found, self.item_key)
 
     def query_texts(self, texts: list[str], k: int = 10, batch_size: int = 256,
                     screen_k: int | None = None) -> list[list[tuple[str, float]]]:
@@ -201,12 +228,20 @@ class SearchIndex:
             if image is None:
                 raise SearchError(f"--image {path}: {reason.replace('_', ' ')}")
             pixels.append(image)
-        return self.search(encode_images(self.run, torch.stack(pixels)), k, screen_k)
+        return self.named(self.rank_pixels(pixels, k, screen_k))
+
+    def rank_pixels(self, pixels: list[torch.Tensor], k: int, screen_k: int | None = None):
+        """Images already read with the run's transform: top-k (gallery position, score) per image."""
+        return self.ranked(encode_images(self.run, torch.stack(pixels)), k, screen_k)
+
+    def rank_texts(self, texts: list[str], k: int, screen_k: int | None = None):
+        return self.ranked(encode_texts(self.run, texts), k, screen_k)
 
 
 def result_line(query: str, results: list[tuple[str, float]], item_key: str) -> str:
-    return json.dumps({"query": query, "results": [{item_key: item, "score": score} for item, score in results]},
-                      ensure_ascii=False)
+    """One query's JSON line; similarities to 4 decimals (Hamming distances are whole numbers)."""
+    return json.dumps({"query": query, "results": [{item_key: item, "score": round(score, 4)}
+                                                   for item, score in results]}, ensure_ascii=False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -232,17 +267,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--run", type=Path, help="the run (or its export) if it moved since the index was built")
     q.add_argument("--screen-k", type=int, help="token-level runs: how many of the global embedding's best the "
                    "token scorer re-ranks (default: the run's tokens.screen_k; >= the gallery: every item)")
+    web = sub.add_parser("serve", help="a search page and a JSON API over an index (needs the [serve] extra)")
+    web.add_argument("--index", required=True, type=Path)
+    web.add_argument("--run", type=Path, help="the run (or its export) if it moved since the index was built")
+    web.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this "
+                     "machine only; any other makes the index readable by whoever reaches it)")
+    web.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    web.add_argument("--screen-k", type=int, help="token-level runs: the screen depth, as for query")
     args = p.parse_args(argv)
     if (getattr(args, "k", 1) < 1 or getattr(args, "batch_size", 1) < 1 or getattr(args, "workers", 0) < 0
             or (getattr(args, "screen_k", None) is not None and args.screen_k < 1)):
         p.error("-k, --screen-k and --batch-size must be >= 1, --workers >= 0")
+    if not 0 <= getattr(args, "port", 0) <= 65535:
+        p.error("--port must be from 0 (any free port) to 65535")
     return args
 
 
-def run_query(args) -> None:
+def _open_for_queries(args) -> SearchIndex:
     index = SearchIndex.open(args.index, args.run)
     if args.screen_k is not None and not index.run.tokens:
         raise SearchError(f"--screen-k: {index.run.path} is not a token-level run (it has no screen to set)")
+    return index
+
+
+def run_serve(args) -> None:
+    """The search page (pipeline/inference/serve.py) over the index, opened and checked as `query` opens it."""
+    try:
+        from pipeline.inference.serve import serve
+    except ImportError as e:
+        raise SearchError(f"serve needs Flask ({e.name} is not installed): pip install -e '.[serve]'") from None
+    index = _open_for_queries(args)
+    try:
+        serve(index, args.host, args.port, args.screen_k)
+    except OSError as e:  # the address is taken, or not this machine's
+        raise SearchError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): give another --port "
+                          f"(0: any free one) or --host") from None
+
+
+def run_query(args) -> None:
+    index = _open_for_queries(args)
     if args.image is not None:
         queries, results = [str(args.image)], index.query_images([args.image], args.k, args.screen_k)
     else:
@@ -250,15 +313,15 @@ def run_query(args) -> None:
                                                             if t.strip()]
         results = index.query_texts(queries, args.k, screen_k=args.screen_k)
     for query, found in zip(queries, results):
-        print(result_line(query, found, index.item_key))
+        print(index.line(query, found))
 
 
 def main(argv=None) -> int:
     """Exit status: 0 done, 2 an input that cannot be used (one line on stderr)."""
     args = parse_args(argv)
     try:
-        if args.command == "query":
-            run_query(args)
+        if args.command in ("query", "serve"):
+            (run_query if args.command == "query" else run_serve)(args)
             return 0
         if args.images is not None:
             meta = build_image_index(args.run, args.images, args.out, args.batch_size, args.workers,

@@ -2,6 +2,8 @@
 
     encoders.py   image and text encoders -> Encoded(vector, tokens, mask): SmallCNN, any transformers
                   vision / text model, precomputed features, frozen wrappers
+    towers.py     what trainable encoders share: locking all but the last blocks, activation
+                  checkpointing, train / eval mode
     heads.py      retrieval heads: embedding (cosine) and hash (tanh; sign at test) on the global vector,
                   token embeddings on the tokens
     token_scorers.py  token-level scorers of image and caption token sets: late interaction (FILIP /

@@ -14,6 +14,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.models import openclip
 from pipeline.models.encoded import Encoded
+from pipeline.models.towers import Stack, Tower, checkpointed, find_stack
 
 __all__ = ["Encoded", "FEATURES", "build_image_encoder", "build_text_encoder", "image_statistics"]
 
@@ -22,12 +23,16 @@ CNN_STATISTICS = ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])  # what the shapes cnn is
 CAUSAL_TEXT_TYPES = ("clip_text_model", "clip", "gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "opt")
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Tower):
     """Four stride-2 conv stages, then the 4x4 grid flattened: the grid keeps *where* things are,
-    which global average pooling would throw away (captions say "top left")."""
+    which global average pooling would throw away (captions say "top left"). Its blocks (to lock or
+    checkpoint) are the four stages; the flattening layer runs after them."""
+
+    STAGE_LAYERS = 6  # conv, norm, relu, conv, norm, relu: one flat Sequential keeps saved weights' names
 
     def __init__(self, width: int = 128, grid: int = 4):
         super().__init__()
+        self.checkpointing = False
         chans = [3, width // 4, width // 2, width, width]
         stages = []
         for c_in, c_out in zip(chans[:-1], chans[1:]):
@@ -39,15 +44,54 @@ class SmallCNN(nn.Module):
         self.out_dim = width
         self.token_positions = grid * grid  # tokens always at the same places: token heads may learn where
 
+    def stages(self) -> list[nn.Sequential]:
+        n = self.STAGE_LAYERS
+        return [self.features[i:i + n] for i in range(0, len(self.features) - 1, n)]
+
+    def stack(self) -> Stack:
+        return Stack(self.stages(), after=[self.flatten])
+
+    def enable_checkpointing(self, key: str) -> None:
+        self.checkpointing = True
+
+    def _stage(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        for layer in list(self.features)[index * self.STAGE_LAYERS:(index + 1) * self.STAGE_LAYERS]:
+            x = layer(x)
+        return x
+
     def forward(self, images: torch.Tensor) -> Encoded:
-        grid = self.features(images)  # [B, C, g, g]
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            x = images
+            for index, stage in enumerate(self.stages()):  # locked stages (eval mode) keep nothing anyway
+                x = checkpointed(lambda t, i=index: self._stage(t, i), x, stage) if stage[0].training else stage(x)
+            grid = self.features[-1](x)
+        else:
+            grid = self.features(images)  # [B, C, g, g]
         tokens = grid.flatten(2).transpose(1, 2)  # [B, g*g, C]
         vector = self.flatten(grid.flatten(1))
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return Encoded(vector, tokens, mask)
 
 
-class HFVisionEncoder(nn.Module):
+class HFTower(Tower):
+    """A transformers model's blocks: its encoder layers; checkpointed by transformers itself."""
+
+    def stack(self) -> Stack:
+        return find_stack(self, f"the transformers model {type(self.model).__name__}")
+
+    def enable_checkpointing(self, key: str) -> None:
+        model = self.model
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"config key '{key}': transformers cannot checkpoint {type(model).__name__}; set it "
+                              f"to false")
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # reentrant checkpoints give no gradient behind locked blocks
+        # transformers also makes the word embeddings' output require a gradient (what reentrant checkpoints
+        # need): that would build a graph through locked blocks for nothing
+        getattr(model, "disable_input_require_grads", lambda: None)()
+
+
+class HFVisionEncoder(HFTower):
     """Any transformers vision model (ViT, CLIP's vision tower, ...), by hub name, local path or instance."""
 
     def __init__(self, model: nn.Module):
@@ -64,7 +108,7 @@ class HFVisionEncoder(nn.Module):
         return Encoded(vector, tokens, mask)
 
 
-class HFTextEncoder(nn.Module):
+class HFTextEncoder(HFTower):
     """Any transformers text model (BERT-style, CLIP's text tower, ...).
 
     Pooling: `cls` the first token (BERT's [CLS]); `eot` the last real token, where a causal model
@@ -182,14 +226,30 @@ def build_image_encoder(cfg, init=None) -> nn.Module:
         from transformers import AutoModel
 
         encoder = HFVisionEncoder(AutoModel.from_pretrained(cfg.name))
-    return Frozen(encoder) if cfg.freeze else encoder
+    return prepare(encoder, cfg, "model.image_encoder")
 
 
 def build_text_encoder(cfg, vocab_size: int, max_len: int, pad_token_id: int = 0, init=None) -> nn.Module:
     """`cfg` is a config's model.text_encoder section; tiny_bert is built from scratch (no download);
     `init`: an open_clip text tower's weights (a pretrained tag or a file), None for random ones."""
     encoder = _text_encoder(cfg, vocab_size, max_len, pad_token_id, init)
-    return Frozen(encoder) if cfg.freeze else encoder
+    return prepare(encoder, cfg, "model.text_encoder")
+
+
+def prepare(encoder: nn.Module, cfg, key: str) -> nn.Module:
+    """The built encoder as its config section says it trains: its blocks locked (`unlocked_layers`) and
+    checkpointed (`grad_checkpointing`); frozen, or in train mode: transformers hands models back from
+    from_pretrained in eval mode, and Lightning keeps each module in the mode it finds it in, so a
+    fine-tuned tower would otherwise train without dropout. Lightning's validation and test loops switch
+    everything to eval mode and back."""
+    if (cfg.unlocked_layers is not None or cfg.grad_checkpointing) and not isinstance(encoder, Tower):
+        raise ConfigError(f"config keys '{key}.unlocked_layers' / '{key}.grad_checkpointing': the {cfg.name} "
+                          f"encoder has no blocks to lock or checkpoint; set them to null / false")
+    if cfg.unlocked_layers is not None:
+        encoder.lock(cfg.unlocked_layers, f"{key}.unlocked_layers")
+    if cfg.grad_checkpointing:
+        encoder.enable_checkpointing(f"{key}.grad_checkpointing")
+    return Frozen(encoder) if cfg.freeze else encoder.train()
 
 
 def _text_encoder(cfg, vocab_size: int, max_len: int, pad_token_id: int, init) -> nn.Module:

@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.models.encoded import Encoded
+from pipeline.models.towers import Stack, Tower, find_stack
 
 PREFIX = "open_clip:"
 
@@ -91,7 +92,34 @@ def image_size(name: str) -> int | None:
     return size if isinstance(size, int) else (size[0] if size else None)
 
 
-class OpenClipVision(nn.Module):
+CHECKPOINTS_NON_REENTRANT = (2, 32)  # open_clip's first release whose block checkpoints are non-reentrant
+
+
+class OpenClipTower(Tower):
+    """An open_clip tower's blocks: its transformer's resblocks (a ResNet tower has none to lock);
+    checkpointed by open_clip itself, whose checkpoints are non-reentrant since 2.32: a reentrant one gives
+    no gradient to blocks behind locked ones, so older releases are refused."""
+
+    def tower(self) -> nn.Module:
+        raise NotImplementedError
+
+    def stack(self) -> Stack:
+        return find_stack(self, f"the open_clip tower {type(self.tower()).__name__}")
+
+    def enable_checkpointing(self, key: str) -> None:
+        from importlib.metadata import version
+
+        release = version("open_clip_torch")
+        if tuple(int(p) for p in release.split(".")[:2] if p.isdigit()) < CHECKPOINTS_NON_REENTRANT:
+            raise ConfigError(f"config key '{key}': open_clip {release} checkpoints reentrantly (no gradient behind "
+                              f"locked blocks); pip install 'open_clip_torch>=2.32', or set it to false")
+        if not hasattr(self.tower(), "set_grad_checkpointing"):
+            raise ConfigError(f"config key '{key}': open_clip cannot checkpoint {type(self.tower()).__name__}; set "
+                              f"it to false")
+        self.tower().set_grad_checkpointing(True)
+
+
+class OpenClipVision(OpenClipTower):
     """An open_clip image tower: global vector in the joint space, and its patch tokens."""
 
     def __init__(self, visual: nn.Module):
@@ -102,6 +130,9 @@ class OpenClipVision(nn.Module):
         self.out_dim = int(visual.output_dim)
         self.token_dim = int(getattr(getattr(visual, "transformer", None), "width", self.out_dim))
 
+    def tower(self) -> nn.Module:
+        return self.visual
+
     def forward(self, images: torch.Tensor):
         out = self.visual(images)
         vector, tokens = out if isinstance(out, tuple) else (out, out.unsqueeze(1))
@@ -109,7 +140,7 @@ class OpenClipVision(nn.Module):
         return Encoded(vector, tokens, mask)
 
 
-class OpenClipText(nn.Module):
+class OpenClipText(OpenClipTower):
     """An open_clip text tower: pooled at the end-of-text token (its own pooling), and the word tokens."""
 
     def __init__(self, text: nn.Module):
@@ -119,6 +150,9 @@ class OpenClipText(nn.Module):
             text.output_tokens = True
         self.out_dim = int(text.output_dim)
         self.token_dim = int(getattr(text, "width", self.out_dim))
+
+    def tower(self) -> nn.Module:
+        return self.text
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         out = self.text(input_ids)  # causal: padding after the end-of-text token changes nothing before it

@@ -16,8 +16,10 @@ trained by a Lightning Trainer in a stable run directory, on one CPU, GPUs, or n
     backbone.py    the shapes backbone: pretrained once, cached (python -m pipeline.backbone)
     run_dir.py     the run directory: resume rules, W&B id, the checkpoint monitor
     trainer.py     the Trainer: logger, checkpoints, callbacks
-    callbacks.py   throughput, skipped records, the data epoch, atomic checkpoints
+    callbacks.py   throughput, skipped records, the data epoch, bounded collectives, atomic checkpoints
     requeue.py     SLURM pre-emption: checkpoint on every rank, requeue
+    peers.py       a stopped rank: bounded collective waits, one line and a non-zero exit on the others
+    heartbeat.py   which rank stopped, among many: counters in the rendezvous store
 
 A new model family is a RetrievalModule subclass here (its objective in pipeline.objectives, its heads
 in pipeline.models) and a branch in build.py. May import config, data, models, objectives and

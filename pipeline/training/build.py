@@ -60,7 +60,16 @@ def model_tokenizer(cfg):
 def build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int = 0,
                  load_init: bool = True) -> RetrievalModule:
     """The config's module. `load_init=False` skips `model.*_encoder.init` (and pretraining the shapes
-    backbone): for a module whose weights come from a checkpoint next."""
+    backbone): for a module whose weights come from a checkpoint next. `trainer.compile` marks its
+    encoders for torch.compile when training starts (RetrievalModule.on_fit_start), so that the tools that
+    only encode with a trained run never pay for compiling."""
+    module = _build_module(cfg, num_train_items, vocab_size, pad_token_id, load_init)
+    module.compile_encoders = bool(cfg.trainer.compile)
+    return module
+
+
+def _build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int,
+                  load_init: bool) -> RetrievalModule:
     image_encoder = build_image_encoder(cfg.model.image_encoder, resolve_init(cfg) if load_init else None)
     text_init = cfg.model.text_encoder.init if load_init else None
     text_encoder = build_text_encoder(cfg.model.text_encoder, vocab_size, cfg.data.max_text_len, pad_token_id,

@@ -3,7 +3,7 @@
 
 Builds the shapes default dataset on first use when no dataset is configured, trains with
 validation every epoch, tests the best checkpoint, prints the FiCo-ITR table and writes
-<run_dir>/test_metrics.json and <run_dir>/config.yaml.
+<run_dir>/test_metrics.json, <run_dir>/test_curves.json (with labels) and <run_dir>/config.yaml.
 
 Every config key, its type, default and meaning: the dataclasses of pipeline/config.py, explained in
 docs/configuration.md; `--print-config` shows a config with its bases and overrides applied.
@@ -59,11 +59,13 @@ def main(argv=None) -> int:
     from data_prep import atomic_write_bytes
     from pipeline.evaluation.table import format_tables
     from pipeline.training.build import build_module, logged_metric_names
+    from pipeline.training.peers import exit_when_a_peer_stops
     from pipeline.training.prerequisites import check_prerequisites
     from pipeline.training.provenance import RecordProvenance
     from pipeline.training.run_dir import (FINISHED, RUN_DIR_ENV, check_resume, choose_monitor, record_resume,
-                                           resolve_run_dir, resume_checkpoint)
+                                           resolve_run_dir, resume_checkpoint, slurm_job_tag)
     from pipeline.training.run_files import save_inputs
+    from pipeline.training.test_curves import log_curves_wandb, write_curves
     from pipeline.training.trainer import build_trainer, upload_best_checkpoint
 
     run_dir = resolve_run_dir(cfg)
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     try:  # decided before any work: never continue a different experiment, monitor a metric that exists
         monitor, note = choose_monitor(cfg, datamodule.card, logged_metric_names(cfg))
         resume = resume_checkpoint(run_dir) if cfg.run.train else None
-        changes = check_resume(run_dir, cfg) if resume else {}
+        changes = check_resume(run_dir, cfg, datamodule.card) if resume else {}
         # weights that do not fit; feature shards need `features` encoders and pixels need real ones
         teacher = check_prerequisites(cfg, datamodule)  # training labels, a distillation teacher
         L.seed_everything(cfg.run.seed, workers=True, verbose=False)
@@ -94,18 +96,22 @@ def main(argv=None) -> int:
         save_inputs(run_dir, cfg, datamodule.card, tok)  # tokenizer and categories: inference needs no dataset
 
     ckpt = None
-    if cfg.run.train:
-        if resume and trainer.is_global_zero:
-            print(f"resuming from {resume}" + (f" (allowed changes: {', '.join(changes)})" if changes else ""))
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-        ckpt = "best" if trainer.checkpoint_callback.best_model_path else "last"
-    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    # a peer that stops ends this rank too, in one line, within trainer.collective_timeout
+    with exit_when_a_peer_stops(trainer, cfg, run_dir, slurm_job_tag()):
+        if cfg.run.train:
+            if resume and trainer.is_global_zero:
+                print(f"resuming from {resume}" + (f" (allowed changes: {', '.join(changes)})" if changes else ""))
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+            ckpt = "best" if trainer.checkpoint_callback.best_model_path else "last"
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
 
     if trainer.is_global_zero:
         results = model.test_results
         if model.test_scoring:  # how the scores were made (test_metrics.json holds numbers only)
             (run_dir / "test_scoring.json").write_text(json.dumps(model.test_scoring, indent=2) + "\n")
         (run_dir / FINISHED).write_text(json.dumps(results, indent=2) + "\n")
+        curves = getattr(model, "test_curves", {}) or {}
+        write_curves(run_dir, curves)
         print("\n" + format_tables(results, f"{cfg.run.name}: test ({'trained' if cfg.run.train else 'untrained'})"))
         if model.test_scoring:
             print(f"test scoring: {model.test_scoring['description']}")
@@ -114,6 +120,7 @@ def main(argv=None) -> int:
         if cfg.logger.wandb:
             import wandb
 
+            log_curves_wandb(curves)
             wandb.finish()  # flush the summary now; Lightning leaves the run open until exit
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()  # without it CPU DDP runs here sometimes abort at exit

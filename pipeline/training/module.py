@@ -40,6 +40,7 @@ class RetrievalModule(L.LightningModule):
     # state-dict prefixes only training needs (UCCH's memory bank, sized by the training set): left out
     # of exports and never required to load a trained module for inference
     training_only_state: tuple[str, ...] = ()
+    compile_encoders = False  # trainer.compile: torch.compile the encoders when fitting starts (on_fit_start)
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optim: dict):
         super().__init__()
@@ -143,7 +144,20 @@ class RetrievalModule(L.LightningModule):
         self._eval_step(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
+        self.test_metrics.curves = True  # the run's test_curves.json (P@K, PR11, radius PR; needs labels)
         self.test_results = self._eval_end(self.test_metrics, "test")
+        self.test_curves = self.test_metrics.last_curves
+
+    def on_fit_start(self) -> None:
+        """`trainer.compile`: the encoders' forward compiled in place (nn.Module.compile: the state dict's
+        keys stay as they are, so checkpoints load either way); the heads and losses stay eager."""
+        if self.compile_encoders:
+            if self.accum_steps > 1:  # the cached step replays dropout from the saved RNG state: compiled
+                import torch._inductor.config as inductor  # random ops must draw from that generator too
+
+                inductor.fallback_random = True
+            self.image_encoder.compile()
+            self.text_encoder.compile()
 
     def configure_optimizers(self):
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]

@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from data_prep import atomic_write_bytes
+from data_prep import CARD_NAME, DatasetCard, atomic_write_bytes
 
 PROVENANCE_FILE = "provenance.json"
 PACKAGES = ("fico-pipeline", "torch", "lightning", "transformers", "tokenizers", "webdataset", "numpy",
@@ -61,8 +61,10 @@ def versions() -> dict:
 
 
 def card_hash(card) -> str:
-    """The dataset card's sha256 (as read: from the folder or the server)."""
-    return hashlib.sha256(card.source).hexdigest()
+    """The sha256 of a dataset card as it was read (a DatasetCard: from its folder or its server), or of
+    the dataset.json in a folder."""
+    data = card.source if isinstance(card, DatasetCard) else (Path(card) / CARD_NAME).read_bytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 def machine(trainer) -> dict:

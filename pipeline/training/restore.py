@@ -72,10 +72,12 @@ def _inputs_from_dataset(path: Path, cfg) -> RunInputs:
 def weights_file(path: Path, checkpoint: str = "best") -> Path:
     if (path / EXPORT_WEIGHTS).is_file() and not (path / "checkpoints").is_dir():
         return path / EXPORT_WEIGHTS
-    found = next((p for p in (path / "checkpoints" / f"{name}.ckpt" for name in (checkpoint, "last")) if p.is_file()),
-                 None)
+    names = (checkpoint, "last") if checkpoint == "best" else (checkpoint,)  # only best falls back to last
+    found = next((p for p in (path / "checkpoints" / f"{name}.ckpt" for name in names) if p.is_file()), None)
     if found is None:
-        raise RunError(f"{path}: no checkpoints/{checkpoint}.ckpt or last.ckpt, and no {EXPORT_WEIGHTS}")
+        has = sorted(p.stem for p in (path / "checkpoints").glob("*.ckpt"))
+        raise RunError(f"{path}: no checkpoints/{' or '.join(f'{n}.ckpt' for n in names)} (has: "
+                       f"{', '.join(has) or 'none'}), and no {EXPORT_WEIGHTS}; the checkpoint is best or last")
     if checkpoint == "best" and found.name == "last.ckpt" and (path / FINISHED).is_file():
         log.warning("%s: no best.ckpt; using last.ckpt", path)
     return found
@@ -99,6 +101,9 @@ def load_checkpoint(path: Path) -> dict:
     run folder from someone else cannot run code here; anything else is refused in one line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as e:  # e.g. a copy cut short: the zip archive has no central directory
+        raise RunError(f"{path}: not a readable checkpoint (truncated or damaged: "
+                       f"{str(e).splitlines()[0].split('. ')[0]})") from None
     except pickle.UnpicklingError as e:
         what = str(e).split("Unsupported global: ")[-1].split(" was not")[0].strip()[:120]
         raise RunError(f"{path}: refused: it holds Python objects beyond tensors and plain data ({what}), and "

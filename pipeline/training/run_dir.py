@@ -14,6 +14,8 @@ import yaml
 from data_prep import tmp_sibling
 from pipeline.config import ConfigError, flat, to_dict
 from pipeline.training.build import module_class
+from pipeline.training.provenance import card_hash
+from pipeline.training.provenance import read as read_provenance
 
 RUN_DIR_ENV = "FICO_RUN_DIR"  # set by rank 0 so that processes Lightning launches use the same folder
 FINISHED = "test_metrics.json"
@@ -51,13 +53,16 @@ def resolve_run_dir(cfg) -> Path:
 
 def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of this run directory: made once when the directory is new (a W&B sweep agent's
-    WANDB_RUN_ID when it set one, else random), then read back, so that a resumed or requeued job
-    continues its run while a deleted and re-made directory starts a new one. Every rank calls this;
-    the first to create the file wins (hard link of a complete file: never half-written), the others
-    read it."""
+    WANDB_RUN_ID when it set one, with its WANDB_SWEEP_ID, else random), then read back, so that a resumed
+    or requeued job continues its run while a deleted and re-made directory starts a new one. Every rank
+    calls this; the first to create the file wins (hard link of a complete file: never half-written), the
+    others read it."""
     path = run_dir / WANDB_ID_FILE
     if not path.is_file():
-        new = os.environ.get("WANDB_RUN_ID") or f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_dir.name)[:40]}-{secrets.token_hex(4)}"
+        # a sweep agent sets both; WANDB_RUN_ID alone is likely left over in the shell, and would join
+        # every fresh run folder into one W&B run
+        agent = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+        new = agent or f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_dir.name)[:40]}-{secrets.token_hex(4)}"
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = tmp_sibling(path)
         tmp.write_text(new + "\n")
@@ -78,12 +83,13 @@ def resume_checkpoint(run_dir: Path) -> str | None:
 
 
 # Keys that do not change what a run learns: a resume may change them freely (where the data or the
-# run folder now live, how fast data loads, how the run is logged and checkpointed).
-MAY_CHANGE_ON_RESUME = ("data.root", "data.shapes_dir", "data.num_workers", "data.eval_batch_size",
+# run folder now live, how fast data loads, how the run is logged and checkpointed, whether activations
+# are recomputed or the encoders compiled).
+MAY_CHANGE_ON_RESUME = ("data.root", "data.shapes_dir", "data.num_workers", "data.eval_batch_size", "logger.",
                         "data.shard_url_command", "data.shard_retries", "data.shard_retry_wait", "data.shard_timeout",
-                        "logger.",
-                        "trainer.ckpt_every_n_steps", "trainer.log_every_n_steps", "run.root", "run.name", "run.id",
-                        "run.allow_changes")
+                        "trainer.ckpt_every_n_steps", "trainer.log_every_n_steps", "trainer.collective_timeout",
+                        "run.root", "run.name", "run.id", "run.allow_changes", "model.image_encoder.grad_checkpointing",
+                        "model.text_encoder.grad_checkpointing", "trainer.compile")
 
 
 def config_changes(saved: dict, new: dict, allowed=()) -> dict[str, tuple]:
@@ -94,9 +100,21 @@ def config_changes(saved: dict, new: dict, allowed=()) -> dict[str, tuple]:
             if old.get(k) != cur.get(k) and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)}
 
 
-def check_resume(run_dir: Path, cfg) -> dict[str, tuple]:
+def dataset_change(run_dir: Path, card) -> tuple[str, str] | None:
+    """(recorded, current) dataset card hashes when the run's latest start trained on another card. The
+    card, not data.root, says which dataset it is: the folder may move (data.root may change)."""
+    saved = read_provenance(run_dir)
+    if not saved:
+        return None
+    old = ((saved.get("resumed") or [saved])[-1].get("dataset") or {}).get("card_sha256")
+    new = card_hash(card)
+    return (old, new) if old and old != new else None
+
+
+def check_resume(run_dir: Path, cfg, card=None) -> dict[str, tuple]:
     """Raises ConfigError (one line, both ways out) when the unfinished run in `run_dir` was started with
-    settings that change the result; returns the changes `run.allow_changes` lets through."""
+    settings that change the result, or on another dataset card than `card`; returns the changes
+    `run.allow_changes` lets through (another dataset: `data.root`)."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"{run_dir} holds checkpoints but no config.yaml, so what they were trained with is "
@@ -108,7 +126,13 @@ def check_resume(run_dir: Path, cfg) -> dict[str, tuple]:
         raise ConfigError(f"{run_dir} holds an unfinished run trained with other settings ({listed}): train a new "
                           f"run with run.name=<another name>, or resume this one anyway with "
                           f"run.allow_changes=[{','.join(changes)}]")
-    return config_changes(saved, to_dict(cfg))
+    dataset = dataset_change(run_dir, card) if card is not None else None
+    if dataset and "data.root" not in cfg.run.allow_changes:
+        raise ConfigError(f"{run_dir} holds an unfinished run trained on another dataset (its card's sha256 "
+                          f"{dataset[0][:12]}..., {card.root}'s {dataset[1][:12]}...): resume with the dataset it was "
+                          f"trained on, train a new run with run.name=<another name>, or resume onto this dataset "
+                          f"anyway with run.allow_changes=[data.root]")
+    return {**config_changes(saved, to_dict(cfg)), **({"dataset.card_sha256": dataset} if dataset else {})}
 
 
 def record_resume(run_dir: Path, checkpoint: str, changes: dict[str, tuple]) -> None:

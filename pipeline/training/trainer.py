@@ -11,7 +11,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from pipeline.config import to_dict, trainer_devices
-from pipeline.training.callbacks import AtomicCheckpointIO, DataEpoch, DataHealthMonitor, ThroughputMonitor
+from pipeline.training.callbacks import (AtomicCheckpointIO, BoundedCollectives, DataEpoch, DataHealthMonitor,
+                                         ThroughputMonitor)
+from pipeline.training.peers import build_strategy, collective_timeout, set_auto_timeout
 from pipeline.training.provenance import read as read_provenance
 from pipeline.training.requeue import slurm_preemption
 from pipeline.training.run_dir import slurm_job_tag, wandb_run_id
@@ -46,10 +48,12 @@ def build_logger(cfg, run_dir: Path):
 
 def build_trainer(cfg, run_dir: Path, monitor: str, extra_callbacks=()) -> L.Trainer:
     ckpt_dir = run_dir / "checkpoints"
+    throughput = ThroughputMonitor()
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                         save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
-        ThroughputMonitor(), DataHealthMonitor(), DataEpoch(), *extra_callbacks,
+        throughput, DataHealthMonitor(), DataEpoch(), BoundedCollectives(collective_timeout(cfg)),
+        *extra_callbacks,
     ]
     if cfg.trainer.ckpt_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,
@@ -61,21 +65,18 @@ def build_trainer(cfg, run_dir: Path, monitor: str, extra_callbacks=()) -> L.Tra
     logger = build_logger(cfg, run_dir)
     if cfg.logger.wandb:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    strategy = cfg.trainer.strategy
-    if strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        # The hash memory bank is updated identically on every rank: no need to broadcast it each step.
-        strategy = DDPStrategy(broadcast_buffers=False)
+    strategy = build_strategy(cfg)  # with our wait for a stopped peer (pipeline/training/peers.py)
     t = cfg.trainer
-    return L.Trainer(
+    trainer = L.Trainer(
         default_root_dir=str(run_dir), max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=trainer_devices(cfg), num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, logger=logger,
         callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0,
         # with optim.accum_steps > 1 the module steps the optimizer itself and clips there
         gradient_clip_val=(cfg.optim.grad_clip or None) if cfg.optim.accum_steps == 1 else None, use_distributed_sampler=False,
         limit_val_batches=t.limit_val_batches, limit_test_batches=t.limit_test_batches,
-        plugins=[AtomicCheckpointIO(), *cluster_plugins])
+        plugins=[AtomicCheckpointIO(), *cluster_plugins], profiler=throughput.fetches)
+    set_auto_timeout(trainer, cfg)  # bounded waits for a stopped peer (pipeline/training/peers.py)
+    return trainer
 
 
 def upload_best_checkpoint(cfg, run_dir: Path, results: dict) -> bool:

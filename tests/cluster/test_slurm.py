@@ -120,6 +120,7 @@ def test_plain_sbatch_with_a_mismatched_shape_stops_before_srun(slurm_cluster, t
     (["trainer.devices=2", "--gpus-per-node=4"], "--gpus-per-node=4 contradicts trainer.devices=2"),
     (["trainer.num_nodes=2", "--nodes=1"], "--nodes=1 contradicts trainer.num_nodes=2"),
     (["trainer.devices=auto"], "trainer.devices=auto: a SLURM job starts one task per device"),
+    (["optim.lr=["], "override 'optim.lr=['"),
 ])
 def test_submit_refuses_a_shape_mismatch_before_sbatch(tmp_path, args, message):
     """No cluster needed: a stand-in `sbatch` records whether it was called at all."""

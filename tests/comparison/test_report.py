@@ -97,7 +97,7 @@ def test_report_hybrid_plots_markdown_and_wandb(quick_report):
             alone = next(x for x in same if x["method"] == "hash only" and x["screener"] == r["screener"])
             assert r["R@1"] == alone["R@1"]
     assert any(r["method"] == "hybrid" and r["K"] == "64" for r in hybrid)
-    for name in ("quality_vs_query_time", "quality_vs_bytes", "query_time_vs_gallery"):
+    for name in ("quality_vs_query_time", "quality_vs_bytes", "query_time_vs_gallery", "test_curves"):
         data = (quick_report / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC)
         import matplotlib.image
@@ -109,10 +109,36 @@ def test_report_hybrid_plots_markdown_and_wandb(quick_report):
                     "## 4. Hybrid", "## 5. Plots"):
         assert heading in md
     assert "![quality_vs_bytes](quality_vs_bytes.png)" in md
+    assert "![test_curves](test_curves.png)" in md  # both runs' curves from their test_curves.json
     runs = list((quick_report / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     media = list((runs[0] / "files" / "media").rglob("*"))
     assert any(p.suffix == ".png" for p in media) and any(p.suffix == ".json" for p in media)
+
+
+def test_report_panels_show_each_runs_top5_with_the_correct_items_marked(quick_report):
+    from matplotlib.image import imread
+
+    from pipeline.comparison.panels import COLOURS, CORRECT, MAX_CAPTIONS
+
+    record = json.loads((quick_report / "panels.json").read_text())
+    md = (quick_report / "report.md").read_text()
+    for direction in ("t2i", "i2t"):
+        assert f"![panels_{direction}](panels_{direction}.png)" in md
+        shown = record[direction]
+        assert set(shown["runs"]) == {"hash_64bit", "fine_grained"} and len(shown["queries"]) == 4
+        correct = 0
+        for query, *rows in zip(shown["queries"], *shown["runs"].values()):
+            for row in rows:
+                assert len(row) == 5
+                for r in row:  # the caption's own image, or a caption of the query image: marked correct
+                    pair = (r["id"] == query // MAX_CAPTIONS if direction == "t2i" else r["id"] // MAX_CAPTIONS == query)
+                    assert (r["mark"] == CORRECT) == pair
+                    correct += pair
+        image = imread(quick_report / f"panels_{direction}.png")[..., :3]
+        green = np.array([int(COLOURS[CORRECT][i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        assert (np.abs(image - green).max(-1) < 0.02).any() == (correct > 0)  # green frames drawn iff correct items
+        assert list((quick_report / "wandb").glob(f"offline-run-*/files/media/images/report/panels_{direction}_*.png"))
 
 
 @pytest.mark.parametrize("hashed", [False, True])

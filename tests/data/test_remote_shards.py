@@ -11,6 +11,7 @@ import yaml
 from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.data import DataError, DatasetCard, SharedEpoch, build_stream, image_transform, load_tokenizer
 from pipeline.data.shard_reader import ShardReader
+from pipeline.training.provenance import card_hash
 from pipeline.training.run_dir import check_resume
 from tests.helpers.shard_server import Faults, serve_folder
 
@@ -137,11 +138,22 @@ def test_a_bad_shard_url_command_fails_at_start_up_in_one_line(template, why):
 
 
 def test_a_resume_may_move_its_data_onto_a_server(tmp_path, shapes_tiny):
+    """The run was started from the folder; the same card served over HTTP (and shards read by a command)
+    resumes it: same card hash, and the data keys change freely. Another card on the server does not."""
     saved = load_config("hash_64bit.yaml", [f"data.root={shapes_tiny}"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(saved)))
-    moved = load_config("hash_64bit.yaml", ["data.root=https://data.example/shapes/", "data.shard_retries=5",
-                                            "data.shard_url_command=pipe:gsutil cat gs://b/shapes/{shard}"])
-    assert check_resume(tmp_path, moved) == {}  # where the data lives changes freely: nothing to allow
+    (tmp_path / "provenance.json").write_text(json.dumps({"dataset": {"card_sha256": card_hash(shapes_tiny)}}))
+    other = tmp_path / "other"
+    other.mkdir()
+    raw = json.loads((shapes_tiny / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps({**raw, "name": "another dataset"}))
+    with serve_folder(shapes_tiny) as (url, _), serve_folder(other) as (other_url, _):
+        moved = load_config("hash_64bit.yaml", [f"data.root={url}", "data.shard_retries=5",
+                                                "data.shard_url_command=pipe:gsutil cat gs://b/shapes/{shard}"])
+        assert check_resume(tmp_path, moved, DatasetCard.read(url)) == {}  # nothing to allow
+        elsewhere = load_config("hash_64bit.yaml", [f"data.root={other_url}"])
+        with pytest.raises(ConfigError, match="another dataset"):
+            check_resume(tmp_path, elsewhere, DatasetCard.read(other_url))
     with pytest.raises(ConfigError, match="data.batch_size"):  # what a run learns still may not change
         check_resume(tmp_path, load_config("hash_64bit.yaml", ["data.root=https://x/", "data.batch_size=7"]))
 

@@ -428,6 +428,23 @@ def test_manifest_paths_and_splits_cannot_escape_their_folders(tmp_path):
     assert set(card["splits"]) <= {"train", "val", "test"}
 
 
+def test_a_manifest_path_with_a_nul_byte_is_a_counted_skip(tmp_path):
+    """A NUL cannot be in a file name: the line is skipped and counted, the other images are packed."""
+    rng = np.random.default_rng(7)
+    images = tmp_path / "imgs"
+    for i in range(3):
+        write_image(images / f"{i}.jpg", "ok", rng)
+    rows = [{"path": f"{i}.jpg", "captions": [f"fine {i}"], "split": "train"} for i in range(3)]
+    rows[1]["path"] = "1.jpg\u0000.png"
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    assert cli(["manifest", "--jsonl", str(tmp_path / "m.jsonl"), "--images", str(images), "--out", str(out),
+                "--workers", "1", "--no-progress"]) == 0
+    card = read_card(out)
+    assert card["skipped"] == {"bad_path": 1}
+    assert card["splits"]["train"]["num_images"] == 2
+
+
 def test_karpathy_file_names_cannot_escape_the_images_folder(tmp_path):
     rng = np.random.default_rng(6)
     images = tmp_path / "images"

@@ -96,3 +96,37 @@ def test_trains_on_them_with_data_root(wds_card, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "fine_grained" / "test_metrics.json").read_text())
     assert 0 <= metrics["t2i_R@1"] <= 100 and "rsum" in metrics
+
+
+@pytest.mark.parametrize("pattern, shards", [("train-{00000..00002}.tar", [0, 1, 2]), ("train-{*}.tar", [0, 1, 2]),
+                                             ("train-{00000,00002}.tar", [0, 2]), ("train-0000{1..2}.tar", [1, 2])])
+def test_brace_patterns_name_shards_as_webdataset_does(their_shards, tmp_path, pattern, shards):
+    out = tmp_path / "card"
+    assert cli(["wds", "--train", str(their_shards / pattern), "--out", str(out)]) == 0
+    assert read_card(out)["splits"]["train"]["shards"] == [str((their_shards / f"train-{s:05d}.tar").resolve())
+                                                           for s in shards]
+
+
+def test_out_inside_a_shard_folder_is_refused(their_shards, capsys):
+    before = sorted(p.name for p in their_shards.iterdir())
+    for out in (their_shards, their_shards / "cards" / "theirs"):
+        assert cli(["wds", "--train", str(their_shards / "train-*.tar"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "shard folder" in err, err
+    assert sorted(p.name for p in their_shards.iterdir()) == before  # nothing written there
+
+
+def test_a_card_without_a_test_split_trains_and_tests_on_val(their_shards, tmp_path):
+    card = tmp_path / "no_test"
+    assert cli(["wds", "--train", str(their_shards / "train-*.tar"), "--val", str(their_shards / "val-*.tar"),
+                "--out", str(card)]) == 0
+    args = ["--config", "fine_grained.yaml", f"data.root={card}", f"run.root={tmp_path}", "data.batch_size=8",
+            "data.eval_batch_size=8", "data.num_workers=0", "trainer.max_epochs=1", "model.image_encoder.init=null",
+            "model.image_encoder.width=16", "model.text_encoder.width=32", "model.head_hidden=32",
+            "data.image_size=32", "logger.wandb=false", "trainer.max_steps=2"]
+    proc = run_train(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "no test split" in line]
+    assert len(said) == 1 and "val" in said[0], proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "fine_grained" / "test_metrics.json").read_text())
+    assert "rsum" in metrics

@@ -69,7 +69,7 @@ def test_image_search_ranks_as_screened_token_scoring(tiny_token_runs, test_spli
                                              "-k", 10))
     assert ranks == _two_stage(cosine, token_scores, SCREEN_K, 10)
     expected = [[token_scores[q, g].item() for g in row] for q, row in enumerate(ranks)]
-    assert scores == [pytest.approx(row, abs=1e-5) for row in expected]  # token scores, not the screen's
+    assert scores == [pytest.approx(row, abs=6e-5) for row in expected]  # token scores (printed to 4 decimals)
     assert ranks != _two_stage(cosine, cosine, n, 10)  # the token scorer changed the global ranking
 
     # a screen as deep as the gallery: the token scorer's own (exhaustive) ranking

@@ -21,15 +21,18 @@ TINY = {"embed_dim": 16,
         "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 BOTH = [f"model.image_encoder.name=open_clip:{ARCH}", f"model.text_encoder.name=open_clip:{ARCH}",
         "model.image_encoder.init=null"]
+DEEP = "fico-tiny-clip-2"  # the same with two blocks a side: one to lock, one to train
+DEEP_CFG = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "layers": 2}, "text_cfg": {**TINY["text_cfg"], "layers": 2}}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_architecture(tmp_path_factory):
-    path = tmp_path_factory.mktemp("open_clip") / f"{ARCH}.json"
-    path.write_text(json.dumps(TINY))
-    open_clip.add_model_config(path)
+    folder = tmp_path_factory.mktemp("open_clip")
+    for name, arch in ((ARCH, TINY), (DEEP, DEEP_CFG)):
+        (folder / f"{name}.json").write_text(json.dumps(arch))
+        open_clip.add_model_config(folder / f"{name}.json")
     return ARCH
 
 
@@ -99,3 +102,65 @@ def test_tiny_open_clip_run_trains_one_step_and_encodes(shapes_tiny, tmp_path, m
     assert not torch.allclose(vectors[0], vectors[1], atol=1e-3)
     key = next(k for k in before if k.startswith("text_encoder.text.transformer"))
     assert torch.equal(run.module.state_dict()[key], before[key])  # the trained tower, restored
+
+
+def deep_towers(*overrides):
+    """Both open_clip towers of the two-block architecture, built through the config, from seed 0."""
+    from pipeline.training.build import build_module, complete_config
+
+    cfg = complete_config(load_config("fine_grained.yaml", [
+        f"model.image_encoder.name=open_clip:{DEEP}", f"model.text_encoder.name=open_clip:{DEEP}",
+        "model.image_encoder.init=null", *overrides]))
+    torch.manual_seed(0)
+    module = build_module(cfg, 1, 49408, 0)
+    return module.image_encoder, module.text_encoder
+
+
+def test_open_clip_unlocked_layers_keep_the_last_block_and_what_follows():
+    image, text = deep_towers("model.image_encoder.unlocked_layers=1", "model.text_encoder.unlocked_layers=1")
+    trained = {n for n, p in [*image.named_parameters(), *text.named_parameters()] if p.requires_grad}
+    assert {n.split(".")[1] for n in trained} == {"transformer", "ln_post", "proj", "ln_final", "text_projection"}
+    assert {n.split(".")[3] for n in trained if ".resblocks." in n} == {"1"}  # the last block only
+    frozen = {n for n, p in [*image.named_parameters(), *text.named_parameters()] if not p.requires_grad}
+    assert {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.weight",
+            "text.token_embedding.weight", "text.positional_embedding"} <= frozen
+    assert any(".resblocks.0." in n for n in frozen)
+    image.train()  # what Lightning's loops do: the locked parts stay in eval mode, the rest trains
+    assert image.visual.training and image.visual.transformer.resblocks[1].training and image.visual.ln_post.training
+    assert not image.visual.transformer.resblocks[0].training and not image.visual.ln_pre.training
+    assert text.text.training and not text.text.token_embedding.training
+
+
+@pytest.mark.parametrize("unlocked", [None, 1])
+def test_open_clip_grad_checkpointing_keeps_loss_and_gradients(unlocked):
+    """open_clip's own block checkpoints, non-reentrant: equal loss and gradients (also for the block behind a
+    locked one, which a reentrant checkpoint would leave without any), fewer bytes kept for the backward."""
+    lock = [] if unlocked is None else [f"model.{s}_encoder.unlocked_layers={unlocked}" for s in ("image", "text")]
+    plain = deep_towers(*lock)
+    light = deep_towers(*lock, *[f"model.{s}_encoder.grad_checkpointing=true" for s in ("image", "text")])
+    torch.manual_seed(1)
+    images, ids = torch.randn(2, 3, 64, 64), torch.randint(1, 49000, (2, 24))
+    mask = torch.ones_like(ids)
+
+    def step(image, text):
+        kept = [0]
+
+        def pack(t):
+            kept[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            a, b = image(images), text(ids, mask)
+        loss = (a.vector * b.vector).sum() + a.tokens.square().mean() + b.tokens.square().mean()
+        loss.backward()
+        grads = {n: p.grad for n, p in [*image.named_parameters(), *text.named_parameters()] if p.grad is not None}
+        return loss, kept[0], grads
+
+    loss, kept, grads = step(*plain)
+    loss_ckpt, kept_ckpt, grads_ckpt = step(*light)
+    assert torch.allclose(loss, loss_ckpt, rtol=0, atol=1e-6) and grads.keys() == grads_ckpt.keys()
+    for tower in ("visual", "text"):  # the last block: behind a locked one when unlocked is 1
+        assert f"{tower}.transformer.resblocks.1.mlp.c_fc.weight" in grads
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_ckpt[name], rtol=0, atol=1e-6), name
+    assert kept_ckpt < kept

@@ -201,3 +201,33 @@ def test_straight_through_codes_are_the_signs_forward_and_pass_the_gradient_back
                                                                      12.0, 0.1)[0], lr=0.5)
     agree = (torch.sign(img) == torch.sign(txt)).float().mean(1)  # binary agreement of each pair's codes
     assert (torch.sign(new_img) == torch.sign(new_txt)).float().mean(1).mean() > agree.mean()
+
+
+# ---------------------------------------------------------------- UCCH: aligned below shuffled, warm-up included
+
+def test_ucch_warmup_contrast_is_lower_for_aligned_than_for_shuffled_pairs():
+    """The warm-up branch (in-batch keys from both modalities' mean codes, no memory yet)."""
+    img, txt, _ = _class_codes(noise=0.3)
+    bank = MemoryBankContrast(16, BITS, tau=0.9, momentum=0.4, num_negatives=8, seed=2)
+    idx = torch.arange(16)
+
+    def contrast(t):
+        return bank.loss(img, idx, 0, True, t) + bank.loss(t, idx, 0, True, img)
+
+    assert contrast(txt) < contrast(txt[NEXT]) - 0.05, (contrast(txt), contrast(txt[NEXT]))
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ucch_code_loss_is_lower_for_aligned_than_for_shuffled_pairs(warmup):
+    """UCCH's whole objective (contrast + ranking) in and after warm-up; after it, against a bank that has
+    learnt the images' codes."""
+    from pipeline.models.encoders import FeatureInput
+    from pipeline.training.hasher_ucch import CrossModalHasher
+
+    img, txt, _ = _class_codes(noise=0.3)
+    model = CrossModalHasher(FeatureInput(D_IN), FeatureInput(D_IN), {}, BITS, 16, num_train_items=16,
+                             num_negatives=8, warmup_epochs=1 if warmup else 0)
+    model.bank.bank.copy_(F.normalize(img, dim=1))
+    batch = {"image_ids": torch.arange(16)}
+    aligned, shuffled = model.code_loss(img, txt, batch)[0], model.code_loss(img, txt[NEXT], batch)[0]
+    assert aligned < shuffled - 0.05, (aligned, shuffled)

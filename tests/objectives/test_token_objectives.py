@@ -1,19 +1,19 @@
 """Token objectives under 2-process gloo DDP equal one process at the doubled batch (loss and gradients),
 with the ranks' captions of different token lengths; and each objective prefers aligned pairs."""
 import os
-import tempfile
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pipeline.models.heads import TokenHead
 from pipeline.models.token_scorers import CrossAttention, LateInteraction
 from pipeline.objectives.tokens import token_alignment_loss
-from tests.helpers.runs import free_port
+from tests.helpers.ddp import WORLD, assert_equal_results, single_process, two_processes
+from tests.helpers.runs import ROOT
 
-B, R, D_IN, D_OUT, WORLD = 4, 3, 6, 8, 2
+B, R, D_IN, D_OUT = 4, 3, 6, 8
 WIDTH = (5, 7)  # caption token slots on rank 0 and rank 1: the gather must pad rank 0's
 
 
@@ -45,56 +45,51 @@ def _loss(scorer, loss, heads, images, image_mask, texts, text_mask, ids):
     return token_alignment_loss(grid, img.tokens, img.mask, txt.tokens, txt.mask, ids, loss, torch.tensor(10.0), 0.2)
 
 
-def _grads(heads):
-    return [p.grad.clone() for h in heads for p in h.parameters()]
-
-
-def _single(scorer, loss):
-    heads = _heads()
-    value = _loss(scorer, loss, heads, *_data())
-    value.backward()
-    return value.detach(), _grads(heads)
-
-
-def _worker(rank, port, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _loss_of(name, rows):
+    """The loss of case `name` ("scorer/loss") on the rows `rows` of the doubled batch, each rank's captions
+    cut to its own token width (one process at the doubled batch keeps the widest)."""
+    scorer, loss = name.split("/")
     images, image_mask, texts, text_mask, ids = _data()
-    rows, width = slice(rank * B, (rank + 1) * B), WIDTH[rank]
-    results = {}
-    for scorer, loss in CASES:
-        heads = _heads()
-        value = _loss(scorer, loss, heads, images[rows], image_mask[rows], texts[rows, :width],
-                      text_mask[rows, :width], ids[rows])
-        value.backward()
-        grads = _grads(heads)
-        for g in grads:  # what DDP does to gradients
-            dist.all_reduce(g)
-            g /= WORLD
-        mean = value.detach().clone()
-        dist.all_reduce(mean)
-        results[(scorer, loss)] = (mean / WORLD, grads)
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
+    width = WIDTH[rows.start // B] if rows.stop - rows.start == B else max(WIDTH)
+    heads = _heads()
+    value = _loss(scorer, loss, heads, images[rows], image_mask[rows], texts[rows, :width], text_mask[rows, :width],
+                  ids[rows])
+    return value, [p for h in heads for p in h.parameters()]
+
+
+NAMES = [f"{s}/{l}" for s, l in CASES]
+
+
+def _ddp_results():
+    # spawned ranks (the shared helper): a forked child inherits torch's thread pool from a parent that
+    # has already run math, and hangs in it
+    return two_processes(_loss_of, NAMES, B)
 
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "ddp.pt")
-        # fork where available: spawn re-imports torch in each child (~15 s here instead of ~2 s)
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        mp.start_processes(_worker, args=(free_port(), out), nprocs=WORLD, join=True, start_method=method)
-        return torch.load(out)
+    return _ddp_results()
 
 
-@pytest.mark.parametrize("scorer,loss", CASES)
-def test_token_loss_under_ddp_equals_one_process_at_the_doubled_batch(scorer, loss, ddp_results):
-    single_loss, single_grads = _single(scorer, loss)
-    ddp_loss, ddp_grads = ddp_results[(scorer, loss)]
-    assert torch.allclose(ddp_loss, single_loss, atol=1e-6), (ddp_loss, single_loss)
-    for g_ddp, g_single in zip(ddp_grads, single_grads):
-        assert torch.allclose(g_ddp, g_single, atol=1e-6), (g_ddp - g_single).abs().max()
+def test_ddp_workers_start_after_torch_has_run_math_in_this_process():
+    """Whatever ran before in the test process (other modules' math starts torch's thread pool), starting
+    the ranks must not hang: a forked child inherits a pool it cannot use. Run with two math threads."""
+    code = ("import torch\n"
+            "torch.nn.Linear(256, 256)(torch.randn(512, 256)).sum()\n"
+            "from tests.objectives.test_token_objectives import _ddp_results\n"
+            "assert len(_ddp_results()) == 4\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the DDP ranks did not finish in 180 s after torch math in the parent: a hang")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_token_loss_under_ddp_equals_one_process_at_the_doubled_batch(name, ddp_results):
+    assert_equal_results(ddp_results[name], single_process(_loss_of, name, B))
 
 
 @pytest.mark.parametrize("scorer,loss", CASES)

@@ -8,6 +8,7 @@ import pytest
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline.data import DatasetCard
 from pipeline.metrics import metric_names
+from pipeline.training.provenance import card_hash
 from pipeline.training.run_dir import check_resume, choose_monitor, wandb_run_id
 from tests.helpers.runs import run_train
 
@@ -50,14 +51,64 @@ def test_train_py_refuses_to_resume_a_run_with_another_learning_rate(tmp_path, s
     assert "lr: 0.001" in (run_dir / "config.yaml").read_text()  # the record of what it was trained with stays
 
 
+def _trained_on(run_dir, card_root):
+    """provenance.json as the run's first start wrote it: trained on the card at `card_root`."""
+    (run_dir / "provenance.json").write_text(json.dumps({"dataset": {"name": "x", "card_sha256": card_hash(card_root)}}))
+
+
+def _other_dataset(shapes_tiny, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(shapes_tiny, other)
+    raw = json.loads((other / "dataset.json").read_text())
+    raw["name"] = "another dataset"
+    (other / "dataset.json").write_text(json.dumps(raw))
+    return other
+
+
+def test_resume_onto_another_dataset_is_refused_unless_allowed(tmp_path, shapes_tiny):
+    run_dir = _unfinished_run(tmp_path, [f"data.root={shapes_tiny}"])
+    _trained_on(run_dir, shapes_tiny)
+    moved = tmp_path / "moved"
+    shutil.copytree(shapes_tiny, moved)  # the same dataset in another folder: data.root may change
+    cfg = load_config("hash_64bit.yaml", [f"run.root={tmp_path}/runs", f"data.root={moved}"])
+    assert check_resume(run_dir, cfg, DatasetCard.read(moved)) == {}
+    other = _other_dataset(shapes_tiny, tmp_path)
+    cfg = load_config("hash_64bit.yaml", [f"run.root={tmp_path}/runs", f"data.root={other}"])
+    with pytest.raises(ConfigError) as err:
+        check_resume(run_dir, cfg, DatasetCard.read(other))
+    msg = str(err.value)
+    assert "\n" not in msg and "another dataset" in msg and "run.allow_changes=[data.root]" in msg, msg
+    allowed = load_config("hash_64bit.yaml", [f"run.root={tmp_path}/runs", f"data.root={other}",
+                                              "run.allow_changes=[data.root]"])
+    changes = check_resume(run_dir, allowed, DatasetCard.read(other))
+    assert changes == {"dataset.card_sha256": (card_hash(shapes_tiny), card_hash(other))}
+
+
+def test_train_py_refuses_to_resume_onto_another_dataset(tmp_path, shapes_tiny):
+    other = _other_dataset(shapes_tiny, tmp_path)  # as train.py saves the config: with the card's statistics
+    run_dir = _unfinished_run(tmp_path, [f"data.root={shapes_tiny}", "data.mean=[0.5,0.5,0.5]",
+                                         "data.std=[0.25,0.25,0.25]"])
+    _trained_on(run_dir, shapes_tiny)
+    proc = run_train(["--config", "hash_64bit.yaml", f"data.root={other}", f"run.root={tmp_path}/runs"],
+                     cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another dataset" in lines[0] and str(run_dir) in lines[0], proc.stderr
+
+
 def test_one_wandb_run_per_run_directory_life(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
     run_dir = tmp_path / "hash_64bit"
     first = wandb_run_id(run_dir)
     assert wandb_run_id(run_dir) == first  # resumed / requeued: the same run
     shutil.rmtree(run_dir)
     assert wandb_run_id(run_dir) != first  # a new directory at the same path: a new run
+    monkeypatch.setenv("WANDB_RUN_ID", "left-over")  # e.g. exported in the shell by an earlier W&B run
+    fresh = [wandb_run_id(tmp_path / "a"), wandb_run_id(tmp_path / "b")]
+    assert "left-over" not in fresh and fresh[0] != fresh[1]  # each fresh folder is a run of its own
     monkeypatch.setenv("WANDB_RUN_ID", "agent-chose-this")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep-1")
     assert wandb_run_id(tmp_path / "trial") == "agent-chose-this"  # a sweep agent's id for its trial
 
 

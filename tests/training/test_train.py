@@ -39,6 +39,13 @@ def test_tiny_run_writes_protocol_metrics_config_and_wandb(tmp_path, shapes_tiny
                 "test/t2i_mAP@N", "head_hidden", "card_sha256"):  # metrics, the resolved config, provenance
         assert key.encode() in log, key
     assert "| i2t |" in proc.stdout  # the FiCo-ITR table is printed
+    curves = json.loads((run_dir / "test_curves.json").read_text())  # the test's curves, both directions
+    expected = {"p_at_k", "pr11"} | ({"radius_pr"} if config.startswith("hash") else set())
+    assert set(curves) == {"i2t", "t2i"} and set(curves["i2t"]) == expected
+    pr11 = curves["t2i"]["pr11"]["precision"]
+    assert len(pr11) == 11 and all(1 >= a >= b >= 0 for a, b in zip(pr11, pr11[1:]))  # interpolated: never rises
+    for name in expected:  # W&B line plots
+        assert f"test_curves/i2t_{name}".encode() in log, name
 
 
 def test_second_run_of_a_finished_config_does_not_overwrite_it(tmp_path, shapes_tiny):
