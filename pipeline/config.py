@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import config_checks, config_tokens
+from pipeline.config_checks import PIPE, template_problem  # noqa: F401 (for the data stream: a command handed to it)
 from pipeline.config_hash import HashConfig
 
 # configs/ at the top of a checkout; inside the package once installed from a wheel
@@ -30,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    root: Optional[str] = None  # folder holding dataset.json; None builds the shapes default
+    root: Optional[str] = None  # folder holding dataset.json (or its http(s):// URL); None builds the shapes default
     shapes_dir: str = "data/shapes"  # where the shapes default is built on first use
     batch_size: int = 128  # per device
     eval_batch_size: int = 256
@@ -41,6 +42,12 @@ class DataConfig:
     mean: Optional[list[float]] = None  # None: the image encoder's own (open_clip's, else 0.5 ...)
     std: Optional[list[float]] = None  # None: the image encoder's own (open_clip's, else 0.25 ...)
     augment: str = "none"  # none | crop (random resized crops in training; captions may name position, size)
+    # shards from elsewhere than data.root (an object store): a command ("pipe:aws s3 cp s3://b/p/{shard} -")
+    # or URL template, {shard} being a name from dataset.json. Only from the user's config, never from a card.
+    shard_url_command: Optional[str] = None
+    shard_retries: int = 3  # a shard from a server or a command is re-read this many times before it is skipped
+    shard_retry_wait: float = 1.0  # seconds before the first retry (doubling after each)
+    shard_timeout: float = 60.0  # seconds a shard read may wait for data before it counts as failed
     max_text_len: int = 48  # shapes captions reach 36 tokens; truncation would drop objects
     tokenizer: Optional[str] = None  # None: the dataset's tokenizer.json (open_clip text: its own); a hub name or path
 

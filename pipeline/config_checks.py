@@ -6,8 +6,11 @@ from pathlib import Path
 
 from omegaconf import ListConfig
 
+from data_prep import is_url
 from pipeline import config_tokens
 from pipeline.config_hash import hash_checks
+
+PIPE = "pipe:"
 
 
 def checks(cfg) -> list[tuple[bool, str, str]]:
@@ -23,6 +26,14 @@ def checks(cfg) -> list[tuple[bool, str, str]]:
         (d.max_text_len > 1, "data.max_text_len", "must be at least 2 (the special tokens)"),
         (all(v is None or len(v) == 3 for v in (d.mean, d.std)), "data.mean/std", "need 3 values (RGB) or null"),
         (d.std is None or all(v > 0 for v in d.std), "data.std", "must be positive"),
+        (not d.shard_url_command or not template_problem(d.shard_url_command), "data.shard_url_command",
+         f"is {d.shard_url_command!r}: it {template_problem(d.shard_url_command or '{shard}')}"),
+        (d.shard_retries >= 0, "data.shard_retries", "must be >= 0 (0: a failed shard is skipped at once)"),
+        (d.shard_retry_wait >= 0, "data.shard_retry_wait", "must be >= 0 (seconds)"),
+        (d.shard_timeout > 0, "data.shard_timeout", "must be positive (seconds)"),
+        (not d.root or "://" not in d.root or is_url(d.root), "data.root",
+         f"is {d.root!r}, neither a folder nor an http(s):// URL: for an object store, keep dataset.json in a folder "
+         f"(or on a web server) and set data.shard_url_command, e.g. 'pipe:aws s3 cp s3://bucket/prefix/{{shard}} -'"),
         (m.bits > 0 and m.bits % 8 == 0, "model.bits",
          f"must be a positive multiple of 8 (codes are packed into bytes), got {m.bits}"),
         (m.embed_dim > 0, "model.embed_dim", "must be positive"),
@@ -118,3 +129,13 @@ def limit_ok(limit) -> bool:
     if limit is None or isinstance(limit, bool):
         return limit is None
     return limit >= 1 if isinstance(limit, int) else isinstance(limit, float) and 0.0 < limit <= 1.0
+
+
+def template_problem(template: str) -> str | None:
+    """What is wrong with a `data.shard_url_command` (None when it is usable)."""
+    if "{shard}" not in template:
+        return "must contain {shard} (replaced by each shard's name from dataset.json)"
+    if not (template.startswith(PIPE) and template[len(PIPE):].strip() or is_url(template)):
+        return ("must start with 'pipe:' (a command that writes the shard to stdout, e.g. "
+                "'pipe:aws s3 cp s3://bucket/prefix/{shard} -') or be an http(s):// URL template")
+    return None

@@ -3,6 +3,7 @@ batches for one process of a run. Imports `data_prep` and `pipeline.config` only
 models, objectives or metrics.
 
     stream.py      build_stream: the whole data stream in one function, and its size
+    shard_reader.py  a shard from a folder, a server or the user's command; retries, lost records counted
     records.py     a record -> tensors (skipped and counted when bad); records -> a batch
     seeds.py       the epoch shared with the workers, per-stream seeds
     datamodule.py  the LightningDataModule, the dataset (or shapes default), the tokenizer

@@ -1,5 +1,5 @@
-"""The LightningDataModule: the dataset folder (or the shapes default, built on first use), its
-tokenizer, and one stream per split for the trainer's rank."""
+"""The LightningDataModule: the dataset folder (on disk or on a server; or the shapes default, built on
+first use), its tokenizer, and one stream per split for the trainer's rank."""
 from __future__ import annotations
 
 import logging
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import lightning as L
 
-from data_prep import DataError, DatasetCard, build_shapes
+from data_prep import DataError, DatasetCard, build_shapes, is_url
 from pipeline.data.records import image_transform
+from pipeline.data.shard_reader import ShardReader
 from pipeline.data.stream import SharedEpoch, build_stream
 
 log = logging.getLogger(__name__)
@@ -21,17 +22,22 @@ def load_tokenizer(card: DatasetCard, override: str | None = None):
 
     if override:
         return AutoTokenizer.from_pretrained(override)
+    if card.tokenizer and card.remote:  # read from the server into memory: nothing written to disk
+        return wordpiece_tokenizer(text=card.file_bytes(card.tokenizer).decode("utf-8"))
     if not card.tokenizer or not (card.root / card.tokenizer).is_file():
         raise DataError(f"{card.root} has no tokenizer.json: re-run data_prep, or set data.tokenizer "
                         f"to a pretrained tokenizer (hub name or local path)")
     return wordpiece_tokenizer(card.root / card.tokenizer)
 
 
-def wordpiece_tokenizer(path):
-    """A tokenizer.json written by data_prep (its special tokens named; see data_prep/tokenizer.py)."""
+def wordpiece_tokenizer(path=None, text: str | None = None):
+    """A tokenizer.json written by data_prep (its special tokens named; see data_prep/tokenizer.py), from
+    its path or its text."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token="[PAD]", unk_token="[UNK]",
+    source = {"tokenizer_file": str(path)} if text is None else {"tokenizer_object": Tokenizer.from_str(text)}
+    return PreTrainedTokenizerFast(**source, pad_token="[PAD]", unk_token="[UNK]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
@@ -65,8 +71,11 @@ def check_model_inputs(card: DatasetCard, model) -> None:
                         f"compares tokens: make them with `python -m pipeline.features ... --tokens`")
 
 
-def resolve_dataset(cfg_data) -> Path:
-    """data.root, or the shapes default (built on first use)."""
+def resolve_dataset(cfg_data) -> Path | str:
+    """data.root (a folder, or the http(s) URL of one: its card is fetched by `DatasetCard.read`), or the
+    shapes default (built on first use)."""
+    if cfg_data.root and is_url(cfg_data.root):
+        return cfg_data.root
     if cfg_data.root:
         root = Path(cfg_data.root).expanduser()
         if not (root / "dataset.json").is_file():
@@ -91,6 +100,7 @@ class RetrievalDataModule(L.LightningDataModule):
     def __init__(self, cfg_data, seed: int = 0, tokenizer=None, accum_steps: int = 1):
         super().__init__()
         self.cfg, self.seed, self.accum_steps = cfg_data, seed, accum_steps
+        self.reader = ShardReader.from_config(cfg_data)  # before the card: a bad command fails first
         self.card = DatasetCard.read(resolve_dataset(cfg_data))
         if tokenizer is None:
             tokenizer = NoTokenizer() if self.card.features else load_tokenizer(self.card, cfg_data.tokenizer)
@@ -130,7 +140,8 @@ class RetrievalDataModule(L.LightningDataModule):
             self.card, split, train=train, batch_size=self.cfg.batch_size * self.accum_steps if train else self.cfg.eval_batch_size,
             rank=rank, world=world, num_workers=self.cfg.num_workers, seed=self.seed, epoch=self.epoch,
             tokenizer=self.tokenizer, max_text_len=self.cfg.max_text_len, transform=self.transform,
-            shuffle_buffer=self.cfg.shuffle_buffer, steps_per_epoch=self.cfg.steps_per_epoch, augment=self.cfg.augment)
+            shuffle_buffer=self.cfg.shuffle_buffer, steps_per_epoch=self.cfg.steps_per_epoch, augment=self.cfg.augment,
+            reader=self.reader)
         if train:
             self.num_train_batches = n
         return loader

@@ -56,9 +56,17 @@ class RecordDecoder:
             log.warning("skipped record %s (%s, %d so far in this worker) %s", key, reason, self.seen[reason], detail)
 
     def handler(self, exn: Exception) -> bool:
-        """webdataset handler for unreadable or truncated shards: count and carry on."""
+        """webdataset handler for unreadable or truncated shards (`pipeline.features` reads with it): count
+        and carry on."""
         self.skip("unreadable_shard", str(exn.args[-1]) if exn.args else "?", repr(exn)[:200])
         return True
+
+    def lost(self, shard: str, count: int, why: str) -> None:
+        """A shard given up after its last try (pipeline/data/shard_reader.py, which logs it): its unread
+        records are counted as `unreadable_shard`."""
+        if count > 0:
+            self.skips["unreadable_shard"] += count
+            self.seen["unreadable_shard"] += count
 
     def pop_skips(self) -> dict:
         out, self.skips = dict(self.skips), Counter()

@@ -8,7 +8,11 @@ The rules it follows were each seen to fail otherwise:
 - the order moves with the epoch, which reaches the workers through shared memory (Lightning never
   calls set_epoch on an IterableDataset); the sample-shuffle seed differs per rank and worker;
 - evaluation reads every record exactly once: shards are split by rank with the rank and world
-  size taken from the trainer (never guessed from the environment), then by worker.
+  size taken from the trainer (never guessed from the environment), then by worker;
+- shards are read by a `ShardReader` (a folder, a server, or the user's command): a read that keeps
+  failing gives up the rest of its shard and counts the records lost (`unreadable_shard`); the step
+  counts come from the card's shard sizes, never from what was read, so every rank still takes the
+  same number of batches (`PadForever` tops up what is missing).
 """
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 
-from data_prep import WDS_LAYOUT, DatasetCard
+from data_prep import WDS_LAYOUT, DataError, DatasetCard
 from pipeline.data.records import Collate, RandomCrop, RecordDecoder
 from pipeline.data.seeds import SharedEpoch, stream_seed, worker_slot
+from pipeline.data.shard_reader import ShardReader
 
 
 def shard_runs(sizes: dict[str, int], streams: int, seed: int, epoch: int) -> list[list[tuple[str, int, int]]]:
@@ -51,27 +56,30 @@ def shard_runs(sizes: dict[str, int], streams: int, seed: int, epoch: int) -> li
     return runs
 
 
-def epoch_records(sizes: dict[str, int], seed: int, epoch: SharedEpoch, rank: int, world: int, handler,
-                  fixed_steps: bool) -> Callable[[], Iterator[dict]]:
+def epoch_records(sizes: dict[str, int], seed: int, epoch: SharedEpoch, rank: int, world: int,
+                  reader: ShardReader, lost, fixed_steps: bool) -> Callable[[], Iterator[dict]]:
     """This rank-and-worker's share of an epoch: its run of `shard_runs`, record by record.
 
     By default one pass: every training record once across all ranks and workers (UCCH's memory bank
     expects every item to be visited once an epoch), after which `PadForever` tops the last batch up.
     With `fixed_steps` (data.steps_per_epoch) pass follows pass, each in a fresh order, until the
-    loader has its steps."""
+    loader has its steps. A pass of which not one record could be read stops the run with a DataError
+    (a server that is down): with nothing to top up, this rank would take fewer steps than the others."""
 
     def stream():
         worker, workers = worker_slot()
         streams, me = world * workers, rank * workers + worker
         for p in itertools.count() if fixed_steps else (0,):
+            read, failed = 0, []
             for url, first, end in shard_runs(sizes, streams, seed, epoch.get() * 1_000_003 + p)[me]:
-                samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
-                for position, sample in enumerate(samples):
-                    if position >= end:
-                        break
-                    if position >= first:
-                        sample["__position__"] = position  # wds-layout records get their index from it
-                        yield sample
+                # wds-layout records get their index from their __position__
+                for sample in reader.records(url, first, end, lambda *a: (failed.append(a), lost(*a))):
+                    read += 1
+                    yield sample
+            if failed and not read:
+                url, _, why = failed[-1]
+                raise DataError(f"no training record of this rank's share could be read ({len(failed)} shard(s) "
+                                f"failed, e.g. {url}: {why}): is the server or data.shard_url_command reachable?")
 
     return stream
 
@@ -108,14 +116,12 @@ def split_shards(urls: list[str], rank: int, world: int) -> Callable[[], Iterato
     return stream
 
 
-def positioned_samples(handler):
+def positioned_samples(reader: ShardReader, sizes: dict[str, int], lost):
     """Each shard's samples, with their position in the shard (as `epoch_records` gives them)."""
 
     def stage(src: Iterable[dict]) -> Iterator[dict]:
         for item in src:
-            for position, sample in enumerate(wds.tarfile_to_samples(handler=handler)(iter([item]))):
-                sample["__position__"] = position
-                yield sample
+            yield from reader.records(item["url"], 0, sizes[item["url"]], lost)
 
     return stage
 
@@ -131,34 +137,36 @@ def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int):
 def build_stream(card: DatasetCard, split: str, *, train: bool, batch_size: int, rank: int, world: int,
                  num_workers: int, seed: int, epoch: SharedEpoch, tokenizer, max_text_len: int,
                  transform: Callable, shuffle_buffer: int = 1000, steps_per_epoch: int | None = None,
-                 augment: str = "none") -> tuple[Iterable, int | None]:
+                 augment: str = "none", reader: ShardReader | None = None) -> tuple[Iterable, int | None]:
     """The loader for one split on one rank, and its number of batches (None for evaluation, where
-    it depends on how the shards fall across ranks). `augment=crop` crops training images at random."""
-    urls = card.shards(split)
+    it depends on how the shards fall across ranks). `augment=crop` crops training images at random.
+    `reader`: where shards are read from (default: the card's folder, on disk or on a server)."""
+    reader = reader or ShardReader()
+    urls = reader.locations(card, split)
+    sizes = dict(zip(urls, card.record_counts(split)))  # from the card: known before any read
     if train and augment == "crop":
         transform = RandomCrop(transform, seed, epoch, rank)
     decoder = RecordDecoder(card.image_key, len(card.categories), transform, features=bool(card.features),
                             tokens=bool(card.features and card.features.get("tokens")),
-                            first_index=card.first_index(split) if card.layout == WDS_LAYOUT else None)
+                            first_index=dict(zip(urls, card.first_index(split))) if card.layout == WDS_LAYOUT else None)
     collate = Collate(decoder, None if card.features else tokenizer, max_text_len, train, seed, rank)
     if train:
         # one pass over the records (or passes, for a fixed number of steps); shuffle the encoded records,
         # then decode: the buffer holds JPEG bytes (~0.1 MB) rather than pixels (0.6 MB at 224 px), and
         # filling it costs tar reads, not decodes (benchmarks/bench_loader.py)
-        stages = [epoch_records(card.shard_sizes(split), seed, epoch, rank, world, decoder.handler,
+        stages = [epoch_records(sizes, seed, epoch, rank, world, reader, decoder.lost,
                                 fixed_steps=steps_per_epoch is not None),
                   seeded_shuffle(shuffle_buffer, seed, epoch, rank), PadForever(batch_size, seed, epoch, rank),
                   decoder, wds.batched(batch_size, collation_fn=collate, partial=False)]
     else:
-        stages = [split_shards(urls, rank, world), positioned_samples(decoder.handler),
+        stages = [split_shards(urls, rank, world), positioned_samples(reader, sizes, decoder.lost),
                   decoder, wds.batched(batch_size, collation_fn=collate, partial=True)]
     dataset = wds.DataPipeline(*stages)
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                            persistent_workers=train and num_workers > 0)
     if not train:
         return loader, None
-    num_batches = steps_per_epoch or train_steps(sum(card.shard_sizes(split).values()), batch_size, world,
-                                                 num_workers)
+    num_batches = steps_per_epoch or train_steps(sum(sizes.values()), batch_size, world, num_workers)
     return loader.with_epoch(num_batches).with_length(num_batches, silent=True), num_batches
 
 

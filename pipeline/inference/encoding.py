@@ -100,7 +100,8 @@ def encode_split(run: Run, split: str = "test", device="cpu", batch_size: int | 
     bs = batch_size or cfg.data.eval_batch_size
     loader, _ = build_stream(dm.card, split, train=False, batch_size=bs, rank=0, world=1,
                              num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=dm.epoch,
-                             tokenizer=dm.tokenizer, max_text_len=cfg.data.max_text_len, transform=dm.transform)
+                             tokenizer=dm.tokenizer, max_text_len=cfg.data.max_text_len, transform=dm.transform,
+                             reader=dm.reader)
 
     image_side, text_side = module.encode_images_with_tokens, module.encode_texts_with_tokens
     parts = {k: [] for k in ("img", "txt", "image_ids", "labels", "text_ids", "text_image_ids", "img_tokens",

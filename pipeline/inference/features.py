@@ -228,6 +228,9 @@ def build_features(args: argparse.Namespace) -> dict:
     try:
         cfg = complete_config(load_config(args.config, args.overrides))
         card = DatasetCard.read(args.shards)
+        if card.remote:
+            raise DataError(f"--shards {args.shards}: feature shards are made from a dataset folder on disk; "
+                            f"copy the folder from the server first")
         tasks = [Task(split, Path(name).name, path) for split in card.splits
                  for name, path in zip(card.splits[split]["shards"], card.shards(split))]
     except (ConfigError, DataError) as e:

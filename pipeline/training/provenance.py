@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from data_prep import CARD_NAME, atomic_write_bytes
+from data_prep import CARD_NAME, DatasetCard, atomic_write_bytes
 
 PROVENANCE_FILE = "provenance.json"
 PACKAGES = ("fico-pipeline", "torch", "lightning", "transformers", "tokenizers", "webdataset", "numpy",
@@ -60,8 +60,11 @@ def versions() -> dict:
     return out
 
 
-def card_hash(card_root: Path) -> str:
-    return hashlib.sha256((Path(card_root) / CARD_NAME).read_bytes()).hexdigest()
+def card_hash(card) -> str:
+    """The sha256 of a dataset card as it was read (a DatasetCard: from its folder or its server), or of
+    the dataset.json in a folder."""
+    data = card.source if isinstance(card, DatasetCard) else (Path(card) / CARD_NAME).read_bytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 def machine(trainer) -> dict:
@@ -73,7 +76,7 @@ def machine(trainer) -> dict:
 
 
 def provenance(cfg, card, trainer) -> dict:
-    return {"code": code_version(), "dataset": {"name": card.name, "card_sha256": card_hash(card.root)},
+    return {"code": code_version(), "dataset": {"name": card.name, "card_sha256": card_hash(card)},
             "versions": versions(), "seed": int(cfg.run.seed), "machine": machine(trainer),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 

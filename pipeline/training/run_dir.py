@@ -86,6 +86,7 @@ def resume_checkpoint(run_dir: Path) -> str | None:
 # run folder now live, how fast data loads, how the run is logged and checkpointed, whether activations
 # are recomputed or the encoders compiled).
 MAY_CHANGE_ON_RESUME = ("data.root", "data.shapes_dir", "data.num_workers", "data.eval_batch_size", "logger.",
+                        "data.shard_url_command", "data.shard_retries", "data.shard_retry_wait", "data.shard_timeout",
                         "trainer.ckpt_every_n_steps", "trainer.log_every_n_steps", "trainer.collective_timeout",
                         "run.root", "run.name", "run.id", "run.allow_changes", "model.image_encoder.grad_checkpointing",
                         "model.text_encoder.grad_checkpointing", "trainer.compile")
@@ -106,7 +107,7 @@ def dataset_change(run_dir: Path, card) -> tuple[str, str] | None:
     if not saved:
         return None
     old = ((saved.get("resumed") or [saved])[-1].get("dataset") or {}).get("card_sha256")
-    new = card_hash(card.root)
+    new = card_hash(card)
     return (old, new) if old and old != new else None
 
 

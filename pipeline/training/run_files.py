@@ -60,7 +60,7 @@ def save_inputs(run_dir: Path, cfg, card, tokenizer) -> None:
         staged = tmp_sibling(run_dir / TOKENIZER_DIR)
         staged.mkdir(parents=True)
         if kind == "wordpiece":
-            shutil.copyfile(card.root / card.tokenizer, staged / "tokenizer.json")
+            (staged / "tokenizer.json").write_bytes(card.file_bytes(card.tokenizer))  # on disk or on a server
         else:
             tokenizer.save_pretrained(str(staged))
         remove_tree(run_dir / TOKENIZER_DIR)

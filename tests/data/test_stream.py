@@ -119,8 +119,8 @@ def test_corrupt_records_are_skipped_counted_and_the_rest_kept(tmp_path, shapes_
         skipped.update(batch["skipped"])
         kept += batch["image_ids"].tolist()
     assert skipped["no_caption"] == 2 and skipped["bad_label"] == 1
-    assert skipped["unreadable_shard"] == 1  # the truncated shard is reported...
-    assert skipped["undecodable"] == 2  # ...and so is its half-read record (json without png)
+    assert skipped["unreadable_shard"] == 1  # the truncated shard's half-read record is counted as lost
+    assert skipped["undecodable"] == 1  # (the bad png)
     assert sorted(kept) == [0, 1, 6, 7]  # everything readable before the cut is kept
 
 
