@@ -47,6 +47,9 @@ def checks(cfg) -> list[tuple[bool, str, str]]:
         (o.weight_decay >= 0 and o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.weight_decay/warmup_steps/grad_clip",
          "must be >= 0"),
         (o.accum_steps >= 1, "optim.accum_steps", "must be >= 1 (1: one chunk, no accumulation)"),
+        (o.accum_steps == 1 or t.precision not in ("16-mixed", "16", "16-true"), "optim.accum_steps",
+         f"> 1 cannot run with trainer.precision={t.precision}: the cached gradients of the representations are "
+         f"not loss-scaled and fp16 would lose them; use trainer.precision=bf16-mixed (or 32-true)"),
         (t.max_epochs >= -1 and t.max_steps >= -1, "trainer.max_epochs/max_steps", "must be >= -1 (-1: no limit)"),
         (t.num_nodes > 0, "trainer.num_nodes", "must be positive"),
         (devices_ok(t.devices), "trainer.devices",

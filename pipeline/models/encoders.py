@@ -88,7 +88,8 @@ class HFTower(Tower):
         enable({"use_reentrant": False})  # reentrant checkpoints give no gradient behind locked blocks
         # transformers also makes the word embeddings' output require a gradient (what reentrant checkpoints
         # need): that would build a graph through locked blocks for nothing
-        getattr(model, "disable_input_require_grads", lambda: None)()
+        if hasattr(model, "_require_grads_hook"):  # transformers 4.x removes a hook it may not have made
+            model.disable_input_require_grads()
 
 
 class HFVisionEncoder(HFTower):

@@ -3,7 +3,7 @@
 
 Builds the shapes default dataset on first use when no dataset is configured, trains with
 validation every epoch, tests the best checkpoint, prints the FiCo-ITR table and writes
-<run_dir>/test_metrics.json, <run_dir>/test_curves.json (with labels) and <run_dir>/config.yaml.
+<run_dir>/test_metrics.json, <run_dir>/test_curves.json (with labels; not for token-level runs) and <run_dir>/config.yaml.
 
 Every config key, its type, default and meaning: the dataclasses of pipeline/config.py, explained in
 docs/configuration.md; `--print-config` shows a config with its bases and overrides applied.

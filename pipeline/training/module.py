@@ -116,9 +116,7 @@ class RetrievalModule(L.LightningModule):
         loss, parts = cached_backward(self, self.represent, self.training_loss, batch, self.accum_steps,
                                       self.manual_backward, no_sync)
         check_finite(loss, self.global_step)
-        if self.optim.get("grad_clip"):
-            self.clip_gradients(opt, gradient_clip_val=self.optim["grad_clip"], gradient_clip_algorithm="norm")
-        opt.step()
+        opt.step()  # clips first: on_before_optimizer_step
         opt.zero_grad(set_to_none=True)
         sched.step()
         return loss, parts
@@ -147,6 +145,12 @@ class RetrievalModule(L.LightningModule):
         self.test_metrics.curves = True  # the run's test_curves.json (P@K, PR11, radius PR; needs labels)
         self.test_results = self._eval_end(self.test_metrics, "test")
         self.test_curves = self.test_metrics.last_curves
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """optim.grad_clip under optim.accum_steps (Lightning clips only in automatic optimization): here the
+        gradients are final and, under 16-bit AMP, already unscaled."""
+        if not self.automatic_optimization and self.optim.get("grad_clip"):
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim["grad_clip"], gradient_clip_algorithm="norm")
 
     def on_fit_start(self) -> None:
         """`trainer.compile`: the encoders' forward compiled in place (nn.Module.compile: the state dict's

@@ -203,3 +203,10 @@ def test_train_py_with_accumulation_counts_optimizer_steps(tmp_path, shapes_tiny
     metrics = (run / "csv" / "metrics.csv").read_text()
     assert "train/token_loss" in metrics.splitlines()[0]
     assert (run / "test_metrics.json").is_file()
+
+
+def test_fp16_amp_with_accumulation_is_refused():
+    """The cached representations' gradients are not loss-scaled: fp16 would flush them, so the pair is refused."""
+    with pytest.raises(ConfigError, match="bf16-mixed"):
+        load_config("fine_grained.yaml", ["optim.accum_steps=2", "trainer.precision=16-mixed"])
+    load_config("fine_grained.yaml", ["optim.accum_steps=2", "trainer.precision=bf16-mixed"])
