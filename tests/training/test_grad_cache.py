@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import ConfigError, load_config
-from pipeline.training.build import build_module
+from pipeline.training.build import build_module, complete_config
 from pipeline.training.grad_cache import cached_backward, chunk_inputs
 from tests.helpers.runs import checkpoint_step, free_port, run_train
 
@@ -210,3 +210,33 @@ def test_fp16_amp_with_accumulation_is_refused():
     with pytest.raises(ConfigError, match="bf16-mixed"):
         load_config("fine_grained.yaml", ["optim.accum_steps=2", "trainer.precision=16-mixed"])
     load_config("fine_grained.yaml", ["optim.accum_steps=2", "trainer.precision=bf16-mixed"])
+
+
+def test_gradients_are_clipped_once_per_optimizer_step(shapes_tiny, tmp_path):
+    """Under accumulation Lightning does not clip (manual optimization): the module clips the final gradients
+    before AdamW steps. Seen from the optimizer itself: every step's gradient norm is optim.grad_clip."""
+    import lightning as L
+
+    from pipeline.data import RetrievalDataModule
+
+    clip = 1e-3
+    cfg = complete_config(load_config("fine_grained.yaml", [*TINY[:-1], f"data.root={shapes_tiny}", "data.batch_size=8",
+                                                            "optim.accum_steps=2", f"optim.grad_clip={clip}",
+                                                            "data.num_workers=0", "data.image_size=64"]))
+    data = RetrievalDataModule(cfg.data, seed=0, accum_steps=2)
+    module = build_module(cfg, data.card.num_images("train"), len(data.tokenizer), 0, load_init=False)
+    norms = []
+
+    class SeeTheStep(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            def after_step(optimizer, args, kwargs):  # the gradients AdamW used (a pre-hook runs before the
+                # closure in which Lightning calls on_before_optimizer_step)
+                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            trainer.optimizers[0].register_step_post_hook(after_step)
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[SeeTheStep()], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert len(norms) == 3 and all(abs(n - clip) < 1e-6 for n in norms), norms
