@@ -251,3 +251,21 @@ def test_flickr30k_config_is_its_coco_twin_on_another_dataset(config):
               if f30k.get(k) != twin.get(k) and k not in DATASET_SIZE}
     assert not differ, f"{config} against {coco}: {differ}"
     assert f30k["data.root"] == "data/f30k" and twin["data.root"] == "data/coco"
+
+
+@pytest.mark.slow  # two tiny train.py runs at 224 px (~1 min on 2 busy cores)
+def test_instance_config_trains_after_its_fine_grained_teacher_as_written(hub, shapes_tiny, tmp_path):
+    """The documented sequence on the real configs (hub names mapped, tiny data): the fine-grained run writes
+    runs/coco_fine_grained, and the instance config, whose default teacher that is, starts and trains with it."""
+    from tests.helpers.runs import run_train
+
+    tiny = [f"data.root={shapes_tiny}", "data.batch_size=4", "data.eval_batch_size=16", "data.num_workers=0",
+            "data.steps_per_epoch=2", "trainer.max_epochs=1", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "trainer.precision=32-true", "model.head_hidden=16", "logger.wandb=false"]
+    for config in ("coco_fine_grained.yaml", "coco_hash_instance_64bit.yaml"):
+        proc = run_train(["--config", config, *local_overrides(config, [], hub), *tiny], cwd=tmp_path,
+                         env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, f"{config}: {proc.stderr[-3000:]}"
+    saved = yaml.safe_load((tmp_path / "runs" / "coco_hash_instance_64bit" / "config.yaml").read_text())
+    assert saved["hash"]["instance"]["teacher"] == "runs/coco_fine_grained"
+    assert (tmp_path / "runs" / "coco_hash_instance_64bit" / "test_metrics.json").is_file()
