@@ -152,7 +152,7 @@ def start_up(config: str, overrides: list[str], cards: dict):
 
 
 def write_teacher(run_dir: Path, config: str, overrides: list[str], cards: dict) -> None:
-    """What a finished `train.py --config <fine-grained config>` leaves for a student to read: its resolved
+    """What a `train.py --config <fine-grained config>` run leaves for a student to read: its resolved
     config, model.json and tokenizer, and a checkpoint (here of the untrained module: weights change nothing
     the start-up checks)."""
     cfg = complete_config(load_config(config, overrides))
