@@ -32,8 +32,7 @@ def test_same_seed_same_machine_same_metrics(tiny_runs, tiny_baselines):
 
 
 def test_instance_codes_find_the_exact_item_more_often_than_ucch_codes(tiny_runs, tiny_hash_runs):
-    """The instance objective exists for R@1: at 64 bits and the same budget, the config as shipped must beat
-    UCCH's tiny run there."""
+    """The instance objective exists for R@1: at 64 bits the config as shipped must beat UCCH's tiny run there."""
     instance, ucch = _metrics(tiny_hash_runs["hash_instance_64bit_alone"]), _metrics(tiny_runs["hash_64bit"])
     print({d: (instance[f"{d}_R@1"], ucch[f"{d}_R@1"]) for d in ("i2t", "t2i")})
     for d in ("i2t", "t2i"):
