@@ -44,9 +44,15 @@ def table(header: list[str], rows: list[list]) -> str:
                       + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
+def cells(metrics: dict, keys: list[str]) -> list[str]:
+    return [metrics[k].fmt(seeds.digits(k)) for k in keys]
+
+
 def percent_of(runs: dict, name: str, key: str) -> str:
     """`name`'s `key` as % of the fine-grained model's at the same seed (mean ± std of the per-seed ratios),
     "(tie)" when the two models' figures are inside their combined spread."""
+    if name == "fine_grained":
+        return "100"
     per_seed = {s: m[key] for s, m in runs[name].items()}
     fg = {s: m[key] for s, m in runs["fine_grained"].items()}
     pct = seeds.spread(100 * v for v in seeds.ratio(per_seed, fg).values)
@@ -59,16 +65,16 @@ def instance_table(runs: dict, agg: dict) -> str:
     for name in ("fine_grained", "hash_instance_64bit", "hash_instance_64bit_distilled", "hash_64bit"):
         if name in agg:
             r = agg[name]
-            rows.append([name, len(runs[name]), r["i2t_R@1"], r["i2t_R@10"], r["t2i_R@1"], r["t2i_R@10"],
+            rows.append([name, len(runs[name]), *cells(r, ["i2t_R@1", "i2t_R@10", "t2i_R@1", "t2i_R@10"]),
                          f"{percent_of(runs, name, 'i2t_R@1')} / {percent_of(runs, name, 't2i_R@1')}",
-                         r["i2t_mAP@N"], r["t2i_mAP@N"]])
+                         *cells(r, ["i2t_mAP@N", "t2i_mAP@N"])])
     return table(["run", "seeds", "i2t R@1", "i2t R@10", "t2i R@1", "t2i R@10",
                   "R@1 % of fine-grained (i2t / t2i)", "i2t mAP@N", "t2i mAP@N"], rows)
 
 
 def category_table(runs: dict, agg: dict) -> str:
-    rows = [[name, len(runs[name]), agg[name]["i2t_mAP@N"], agg[name]["t2i_mAP@N"], agg[name]["i2t_mAP@100"],
-             agg[name]["t2i_mAP@100"], agg[name]["i2t_R@10"], agg[name]["t2i_R@10"]]
+    rows = [[name, len(runs[name]), *cells(agg[name], ["i2t_mAP@N", "t2i_mAP@N", "i2t_mAP@100", "t2i_mAP@100",
+                                                       "i2t_R@10", "t2i_R@10"])]
             for name in ("hash_supervised_64bit", "hash_64bit", "hash_instance_64bit", "fine_grained") if name in agg]
     return table(["run", "seeds", "i2t mAP@N", "t2i mAP@N", "i2t mAP@100", "t2i mAP@100", "i2t R@10", "t2i R@10"],
                  rows)
@@ -81,9 +87,10 @@ def nested_table(agg: dict) -> str:
         own = {k.split("/", 1)[1]: v for k, v in nested.items() if k.startswith(f"{bits}bit/")} if bits < 128 \
             else nested
         dedicated = agg.get(f"hash_{bits}bit")
-        row = [bits, own["i2t_mAP@N"], own["t2i_mAP@N"], own["i2t_R@10"], own["t2i_R@10"]]
+        keys = ["i2t_mAP@N", "t2i_mAP@N", "i2t_R@10", "t2i_R@10"]
+        row = [bits, *cells(own, keys)]
         if dedicated:
-            row += [dedicated["i2t_mAP@N"], dedicated["t2i_mAP@N"], dedicated["i2t_R@10"], dedicated["t2i_R@10"],
+            row += [*cells(dedicated, keys),
                     f"{seeds.gap(own['i2t_mAP@N'], dedicated['i2t_mAP@N'], 3)} / "
                     f"{seeds.gap(own['t2i_mAP@N'], dedicated['t2i_mAP@N'], 3)}"]
         rows.append(row)

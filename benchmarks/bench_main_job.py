@@ -39,7 +39,8 @@ def summary_table(results: dict[str, dict[int, dict]], walls: dict[str, list[flo
     for name, per_seed in results.items():
         agg = seeds.aggregate(per_seed)
         wall = seeds.spread(walls[name]).fmt(0) if walls[name] else "?"
-        lines.append(f"| {name} | {len(per_seed)} | {wall} | " + " | ".join(str(agg[k]) for k in KEYS) + " |")
+        cells = [agg[k].fmt(3 if "mAP" in k else 2) for k in KEYS]
+        lines.append(f"| {name} | {len(per_seed)} | {wall} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

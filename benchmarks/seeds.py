@@ -5,7 +5,8 @@ over the seeds.
 The convention of every table: **mean ± sample standard deviation** over the seeds (n - 1 in the
 denominator; 0 for one seed), the per-seed values beside them in a table of their own and in results.json.
 Two figures **tie** when their gap is smaller than their combined spread, the sum of the two standard
-deviations (their mean ± std intervals overlap). With one seed there is no spread and nothing ties.
+deviations (their mean ± std intervals overlap), or when they are equal. With one seed there is no spread,
+and only equal figures tie.
 
 Run folders are `<root>/<name>_seed<S>` (train.py's `-2`, `-3`, ... when that name already holds a finished
 run). A run found in `--runs-from` folders or in the benchmark's own is reused only when its config.yaml says
@@ -57,6 +58,11 @@ class Spread:
         return self.fmt()
 
 
+def digits(key: str) -> int:
+    """Decimals a metric is shown with: mAP as a fraction (3), R@K in % and rsum (1)."""
+    return 3 if "mAP" in key else 1
+
+
 def spread(values) -> Spread:
     values = tuple(float(v) for v in values)
     if not values:
@@ -65,8 +71,9 @@ def spread(values) -> Spread:
 
 
 def is_tie(a: Spread, b: Spread) -> bool:
-    """The gap between the two means is smaller than the two standard deviations together."""
-    return abs(a.mean - b.mean) < a.std + b.std
+    """The gap between the two means is smaller than the two standard deviations together (or none at all)."""
+    d = abs(a.mean - b.mean)
+    return d < a.std + b.std or d == 0
 
 
 def gap(a: Spread, b: Spread, digits: int = 1) -> str:
@@ -94,8 +101,7 @@ def per_seed_table(results: dict[str, dict[int, dict]], keys: list[str]) -> str:
     lines = ["| run | seed | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
     for name, seeds in results.items():
         for seed, metrics in sorted(seeds.items()):
-            cells = [("—" if k not in metrics else f"{metrics[k]:.3f}" if abs(metrics[k]) < 1.5
-                      else f"{metrics[k]:.1f}") for k in keys]
+            cells = ["—" if k not in metrics else f"{metrics[k]:.{digits(k)}f}" for k in keys]
             lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -201,6 +207,7 @@ class Runs:
         self.overrides = list(overrides)
         self.prepared: dict = {"dataset_build_s": None, "backbone_pretrain_s": {}}
         self._fresh_done: set[str] = set()
+        self._backbones: set[str] = set()
 
     def get(self, name: str, config: str, seed: int, extra=(), allowed=(), train: bool = True) -> dict | None:
         """The record of run `name` at `seed` ({"metrics", "wall_s", "run_dir", ...}), or None when it is
@@ -226,25 +233,32 @@ class Runs:
         if not self.train_missing:
             print(f"{full}: not found, not trained (--no-train)", flush=True)
             return None
-        self.prepare(config, seed, args)
+        self.prepare(config, seed, args, expected)
         return self.train(full, config, args)
 
-    def prepare(self, config: str, seed: int, args: list[str]) -> None:
+    def prepare(self, config: str, seed: int, args: list[str], cfg: dict) -> None:
         """The shapes dataset and the seed's shapes backbone, made before the run and timed apart (both are
-        made once per machine: each seed pretrains its own backbone), so that run timings compare."""
-        cfg = expected_config(config, args)
+        made once per machine: each seed pretrains its own backbone), so that run timings compare. `cfg`: the
+        run's resolved config."""
         if cfg["data"]["root"] is None and self.prepared["dataset_build_s"] is None:
             from data_prep import build_shapes
 
             start = time.perf_counter()
-            build_shapes(ROOT / cfg["data"]["shapes_dir"], image_size=cfg["data"]["image_size"])
+            build_shapes(ROOT / Path(cfg["data"]["shapes_dir"]).expanduser(), image_size=cfg["data"]["image_size"])
             self.prepared["dataset_build_s"] = time.perf_counter() - start
-        if cfg["model"]["image_encoder"]["init"] == "shapes":
+        enc = cfg["model"]["image_encoder"]
+        if enc["init"] == "shapes":
+            # configs with the same backbone recipe share one cached file: made (or found) once
+            recipe = json.dumps([enc["width"], enc["init_steps"], cfg["data"]["image_size"], cfg["data"]["mean"],
+                                 cfg["data"]["std"], cfg["data"]["shapes_dir"], seed])
             key = f"{config} seed {seed}"
-            if key not in self.prepared["backbone_pretrain_s"]:
+            if recipe not in self._backbones:
+                self._backbones.add(recipe)
+                cmd = [sys.executable, "-m", "pipeline.backbone", "--config", config, *args]
                 start = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "pipeline.backbone", "--config", config, *args], cwd=ROOT,
-                               check=True, capture_output=True)
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
                 self.prepared["backbone_pretrain_s"][key] = time.perf_counter() - start
 
     def train(self, full: str, config: str, args: list[str]) -> dict:

@@ -37,8 +37,9 @@ def test_a_gap_inside_the_summed_spreads_is_a_tie():
     assert not seeds.is_tie(a, far)
     assert seeds.gap(a, near) == "+2.8 (tie)"
     assert seeds.gap(far, a) == "-3.2"
-    # one seed: no spread, so no tie however small the gap
+    # one seed: no spread, so no tie however small the gap, unless there is no gap
     assert not seeds.is_tie(seeds.spread([1.0]), seeds.spread([1.01]))
+    assert seeds.is_tie(seeds.spread([1.0, 1.0]), seeds.spread([1.0]))
 
 
 def test_ratio_pairs_the_same_seeds():
