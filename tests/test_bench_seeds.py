@@ -130,3 +130,17 @@ def test_token_quality_tables_from_found_runs(tmp_path, capsys):
     assert "| +31.0 |" in rows["fine_grained_scan.yaml trained"]  # 31 > 10 + 1
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["seeds"] == [0, 1, 2] and len(saved["runs"]) == 9
+
+
+def test_hash_family_percent_of_fine_grained_pairs_seeds_and_marks_ties():
+    import bench_hash_family
+
+    fg = {0: {"r": 80.0}, 1: {"r": 40.0}, 2: {"r": 60.0}}  # 60 ± 20
+    # per seed 50, 100, 50 %: 67 ± 29 (the ratio of the means is 61 %, sorted values paired give 64 %);
+    # 36.7 ± 5.8 against 60 ± 20: a gap of 23 inside 26, a tie
+    paired = {0: {"r": 40.0}, 1: {"r": 40.0}, 2: {"r": 30.0}}
+    far = {0: {"r": 8.0}, 1: {"r": 4.0}, 2: {"r": 6.0}}  # 10 % at every seed; gap 54 > 22: no tie
+    runs = {"fine_grained": fg, "paired": paired, "far": far}
+    assert bench_hash_family.percent_of(runs, "paired", "r") == "67 ± 29 (tie)"
+    assert bench_hash_family.percent_of(runs, "far", "r") == "10 ± 0"
+    assert bench_hash_family.percent_of(runs, "fine_grained", "r") == "100"
