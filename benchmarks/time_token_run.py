@@ -28,11 +28,11 @@ import pipeline.training.trainer as trainer_module  # noqa: E402
 from pipeline.evaluation.metric import RetrievalMetrics  # noqa: E402
 from pipeline.evaluation.token_metric import TokenRetrievalMetrics  # noqa: E402
 
-EVENTS: list[tuple[str, float]] = []  # (what, seconds since start), in order
+EVENTS: list[tuple[str, float, float]] = []  # (what, wall seconds since start, this process's CPU seconds)
 
 
 def mark(what: str) -> None:
-    EVENTS.append((what, time.perf_counter() - T0))
+    EVENTS.append((what, time.perf_counter() - T0, time.process_time()))
 
 
 class PhaseClock(L.Callback):
@@ -67,9 +67,10 @@ def timed_compute(compute):
 
 
 def phases(events: list[tuple[str, float]], total: float) -> list[tuple[str, float]]:
-    """(phase, seconds): start-up, then every train / validation / test phase (validation and test split into
-    encoding and scoring), then the rest."""
-    rows, opened = [], {}
+    """(phase, seconds) from events `(what, seconds)`: start-up (the sanity check's validation inside it), every training epoch's steps,
+    the validation at its end (Lightning runs it inside the epoch) and its scoring, the test and its
+    scoring, then the rest."""
+    rows, opened, inner = [], {}, {}
     first_step = next((t for what, t in events if what.startswith("train") and what.endswith(":start")), total)
     rows.append(("start-up (imports, data, model, sanity validation)", first_step))
     counted = first_step
@@ -81,14 +82,16 @@ def phases(events: list[tuple[str, float]], total: float) -> list[tuple[str, flo
         began = opened.pop(name, None)
         if began is None:
             continue
-        if name == "score":  # inside a validation or test phase
-            rows.append(("  of which scoring", t - began))
-            continue
+        inner[name] = t - began
         if name.startswith("train"):
-            rows.append((f"training epoch {int(name[5:])} (steps)", t - began))
-        else:
-            rows.append((f"{'validation' if name == 'val' else 'test'} (encode + score)", t - began))
-        if began >= first_step:
+            validation = inner.pop("val", 0.0)
+            rows.append((f"training epoch {int(name[5:])}: steps", t - began - validation))
+            rows.append((f"training epoch {int(name[5:])}: validation (encode + score)", validation))
+            rows.append(("  of which scoring", inner.pop("score", 0.0)))
+            counted += t - began
+        elif name == "test":
+            rows.append(("test (encode + score)", t - began))
+            rows.append(("  of which scoring", inner.pop("score", 0.0)))
             counted += t - began
     rows.append(("the rest (checkpoints, run files, exit)", total - counted))
     return rows
@@ -109,14 +112,16 @@ def main() -> int:
 
     rc = train_main(argv)
     total = time.perf_counter() - T0
-    rows = phases(EVENTS, total)
-    print(f"\nwall time {total:.1f} s, {os.environ.get('OMP_NUM_THREADS', 'all')} threads, load "
-          f"{os.getloadavg()[0]:.1f} at the end\n| phase | seconds |\n|---|---|")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds:.1f} |")
+    rows = phases([(what, wall) for what, wall, _ in EVENTS], total)
+    cpu = phases([(what, c) for what, _, c in EVENTS], time.process_time())
+    print(f"\nwall time {total:.1f} s, CPU {time.process_time():.1f} s (this process; data workers not counted), "
+          f"{os.environ.get('OMP_NUM_THREADS', 'all')} threads, load {os.getloadavg()[0]:.1f} at the end\n"
+          "| phase | wall s | CPU s |\n|---|---|---|")
+    for (name, seconds), (_, cpu_seconds) in zip(rows, cpu):
+        print(f"| {name} | {seconds:.1f} | {cpu_seconds:.1f} |")
     run_dir = getattr(main, "run_dir", None)
     if run_dir is not None and Path(run_dir).exists():
-        (Path(run_dir) / "timings.json").write_text(json.dumps({"total_s": total, "phases": rows,
+        (Path(run_dir) / "timings.json").write_text(json.dumps({"total_s": total, "phases": rows, "cpu_phases": cpu,
                                                                 "events": EVENTS}, indent=1) + "\n")
     return rc
 

@@ -181,12 +181,12 @@ class TokenScorer(nn.Module):
             raise ValueError(f"one row of candidates per query: {len(queries)} queries, {len(candidates)} rows")
         depth = candidates.shape[1]
         out = []
-        length_q, length_g = queries.trimmed().tokens.shape[1], gallery.trimmed().tokens.shape[1]
+        gallery = gallery.trimmed().zeroed()  # once: the chunks gather contiguous rows of it
+        length_q, length_g = queries.trimmed().tokens.shape[1], gallery.tokens.shape[1]
         step = max(1, self.block_elements // max(1, depth * length_q * length_g))
         for a in range(0, len(queries), step):
             q = queries[a:a + step].trimmed().zeroed()
-            g = gallery[candidates[a:a + step].reshape(-1)].trimmed().zeroed()
-            out.append(self._candidate_block(q, g, depth, queries_are_images))
+            out.append(self._candidate_block(q, gallery[candidates[a:a + step].reshape(-1)], depth, queries_are_images))
         return torch.cat(out) if out else queries.tokens.new_zeros(0, depth)
 
     def _candidate_block(self, q: TokenSet, g: TokenSet, depth: int, queries_are_images: bool) -> torch.Tensor:
