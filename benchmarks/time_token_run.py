@@ -67,11 +67,12 @@ def timed_compute(compute):
 
 
 def phases(events: list[tuple[str, float]], total: float) -> list[tuple[str, float]]:
-    """(phase, seconds) from events `(what, seconds)`: start-up (the sanity check's validation inside it), every training epoch's steps,
-    the validation at its end (Lightning runs it inside the epoch) and its scoring, the test and its
+    """(phase, seconds) from events `(what, seconds)`: start-up (the sanity check's validation inside it),
+    every training epoch's steps, the validation at its end (Lightning runs it inside the epoch) and its scoring, the test and its
     scoring, then the rest."""
     rows, opened, inner = [], {}, {}
-    first_step = next((t for what, t in events if what.startswith("train") and what.endswith(":start")), total)
+    starts = (t for what, t in events if what.startswith("train") and what.endswith(":start"))
+    first_step = next(starts, total)
     rows.append(("start-up (imports, data, model, sanity validation)", first_step))
     counted = first_step
     for what, t in events:

@@ -65,7 +65,8 @@ def evaluate_tokens(image_tokens, image_mask, text_tokens, text_mask, caption_im
         img_s = prepare(as_tensor(screen_image, device), "cosine", torch.float32)
         txt_s = prepare(as_tensor(screen_text, device), "cosine", torch.float32)
         if score_candidates is None:
-            rerank_i2t, rerank_t2i = pair_rerank(pairs, queries_are_images=True), pair_rerank(pairs, queries_are_images=False)
+            rerank_i2t = pair_rerank(pairs, queries_are_images=True)
+            rerank_t2i = pair_rerank(pairs, queries_are_images=False)
         else:
             def rerank_i2t(a, b, candidates):
                 return score_candidates(img_t[a:b], img_m[a:b], txt_t, txt_m, candidates, True).float()

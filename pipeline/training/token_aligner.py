@@ -21,9 +21,9 @@ SEARCH_TOKEN_ELEMENTS = 1 << 24  # candidate token values gathered at once when 
 
 
 def without_ends(mask: torch.Tensor) -> torch.Tensor:
-    """The token mask `[B, T]` without each row's first and last real token (a caption's [CLS] and [SEP], CLIP's
-    start and end of text): words, not markers, are compared with regions. Rows of two or fewer tokens keep
-    theirs (a caption never loses every token)."""
+    """The token mask `[B, T]` without each row's first and last real token (a caption's [CLS] and [SEP],
+    CLIP's start and end of text): words, not markers, are compared with regions. Rows of two or fewer
+    tokens keep theirs (a caption never loses every token)."""
     mask = mask.bool()
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     first = torch.where(mask, positions, mask.shape[1]).min(1, keepdim=True).values
