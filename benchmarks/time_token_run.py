@@ -68,8 +68,8 @@ def timed_compute(compute):
 
 def phases(events: list[tuple[str, float]], total: float) -> list[tuple[str, float]]:
     """(phase, seconds) from events `(what, seconds)`: start-up (the sanity check's validation inside it),
-    every training epoch's steps, the validation at its end (Lightning runs it inside the epoch) and its scoring, the test and its
-    scoring, then the rest."""
+    every training epoch's steps, the validation at its end (Lightning runs it inside the epoch) and its
+    scoring, the test and its scoring, then the rest."""
     rows, opened, inner = [], {}, {}
     starts = (t for what, t in events if what.startswith("train") and what.endswith(":start"))
     first_step = next(starts, total)
