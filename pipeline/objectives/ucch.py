@@ -3,11 +3,12 @@ against sign keys and the cross-modal ranking loss.
 
 Nested codes: every function here works on a code prefix as on a whole code. The bank holds one
 vector of the full length per item and a prefix's keys are the signs of its rows' first L entries
-(`loss` slices the keys to the width of the codes it is given), so one bank, updated once a step with
-the full codes, serves every prefix: the first L entries of a row move towards the first L entries of
-the mean of both modalities' codes, so each prefix's keys follow that prefix's codes. (A bank of its
-own per prefix would differ only in the weights of old against new where their signs disagree: the
-normalisations are over the whole row, not over the prefix.)"""
+(`loss` slices the keys to the width of the codes it is given, and normalises each modality's prefix
+on its own), so one bank, updated once a step with the full codes, serves every prefix: the first L
+entries of a row move towards the first L entries of the mean of both modalities' codes, so each
+prefix's keys follow that prefix's codes. The update's normalisations are over whole codes and whole
+rows, not over the prefix: a bank of its own per prefix would differ where image and text (or old and
+new) disagree in sign on a bit, in how the two are weighed (docs/methods.md, nested codes)."""
 from __future__ import annotations
 
 import math
