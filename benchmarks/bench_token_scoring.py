@@ -58,10 +58,8 @@ def _rerank(scorer, q_set, g_set, queries, cand, images_query: bool):
 
 
 def _rerank_chunk(scorer, q_set, g_set, queries, cand, images_query: bool):
-    flat_q = queries.repeat_interleave(cand.shape[1])
-    pair = (q_set[flat_q], g_set[cand.reshape(-1)])
-    scores = scorer.pairs(*pair) if images_query else scorer.pairs(*reversed(pair))
-    return torch.topk(scores.view(cand.shape), min(10, cand.shape[1]), dim=1)
+    scores = scorer.candidates(q_set[queries], g_set, cand, images_query)  # as screened evaluation re-ranks
+    return torch.topk(scores, min(10, cand.shape[1]), dim=1)
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 class TokensConfig:
     scorer: str = "late_interaction"  # late_interaction (FILIP / ColBERT) | cross_attention (SCAN)
     dim: int = 128  # width of the token embeddings both sides are projected to (L2-normalised)
+    text_ends: str = "keep"  # keep | drop: a caption's first and last token ([CLS]/[SEP], CLIP's start/end) in its token set
     direction: str = "both"  # the score: t2i (words find regions) | i2t (regions find words) | both (their mean)
     pooling: str = "lse"  # cross_attention: lse | avg, the pooling of word (region) relevances
     attention_scale: float = 9.0  # cross_attention: SCAN's lambda_1, inverse temperature of the attention
@@ -28,6 +29,7 @@ class TokensConfig:
 CHOICES = {
     "tokens.scorer": ("late_interaction", "cross_attention"),
     "tokens.direction": ("both", "t2i", "i2t"),
+    "tokens.text_ends": ("keep", "drop"),
     "tokens.pooling": ("lse", "avg"),
     "tokens.loss": ("infonce", "vse_max_violation"),
     "tokens.val_scoring": ("screened", "exhaustive"),

@@ -24,13 +24,17 @@ FULL_MATRIX_ELEMENTS = 1 << 26  # exhaustive: score the whole N x M matrix once 
 def evaluate_tokens(image_tokens, image_mask, text_tokens, text_mask, caption_image,
                     score_grid: Callable, score_pairs: Callable, image_labels=None, mode: str = "exhaustive",
                     k: int | None = None, screen_image=None, screen_text=None, ks: Iterable[int] = (1, 5, 10),
-                    map_ks: Iterable[int | None] = (10, 100, None), chunk_size: int | None = None) -> dict[str, float]:
+                    map_ks: Iterable[int | None] = (10, 100, None), chunk_size: int | None = None,
+                    score_candidates: Callable | None = None) -> dict[str, float]:
     """FiCo-ITR metrics of a token-level model.
 
     ``mode="exhaustive"``: every (image, caption) pair is scored by the token scorer.
     ``mode="screened"``: the global embeddings ``screen_image [N, D]`` / ``screen_text [M, D]`` (cosine)
     rank the gallery, the token scorer re-orders each query's top ``k``, the rest keeps the screen's
     order (``k`` >= the gallery size is exhaustive scoring). Runs on the tokens' device.
+    ``score_candidates(query_tokens, query_mask, gallery_tokens, gallery_mask, candidates [q, K],
+    queries_are_images) -> [q, K]``, when given, re-ranks instead of ``score_pairs`` (the same scores, each
+    query scored against its K candidates at once).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -60,7 +64,16 @@ def evaluate_tokens(image_tokens, image_mask, text_tokens, text_mask, caption_im
             raise ValueError("mode='screened' needs k and the screen's global embeddings (screen_image, screen_text)")
         img_s = prepare(as_tensor(screen_image, device), "cosine", torch.float32)
         txt_s = prepare(as_tensor(screen_text, device), "cosine", torch.float32)
-        i2t = two_stage(feature_blocks(img_s, txt_s, "cosine"), pair_rerank(pairs, queries_are_images=True), k)
-        t2i = two_stage(feature_blocks(txt_s, img_s, "cosine"), pair_rerank(pairs, queries_are_images=False), k)
+        if score_candidates is None:
+            rerank_i2t = pair_rerank(pairs, queries_are_images=True)
+            rerank_t2i = pair_rerank(pairs, queries_are_images=False)
+        else:
+            def rerank_i2t(a, b, candidates):
+                return score_candidates(img_t[a:b], img_m[a:b], txt_t, txt_m, candidates, True).float()
+
+            def rerank_t2i(a, b, candidates):
+                return score_candidates(txt_t[a:b], txt_m[a:b], img_t, img_m, candidates, False).float()
+        i2t = two_stage(feature_blocks(img_s, txt_s, "cosine"), rerank_i2t, k)
+        t2i = two_stage(feature_blocks(txt_s, img_s, "cosine"), rerank_t2i, k)
     return evaluate_blocks(i2t, t2i, n, as_tensor(caption_image, device), image_labels, ks=ks, map_ks=map_ks,
                            chunk_size=chunk_size, device=device)

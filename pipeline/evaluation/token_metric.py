@@ -25,11 +25,12 @@ class TokenRetrievalMetrics(RetrievalMetrics):
 
     def __init__(self, score_grid: Callable, score_pairs: Callable, mode: str = "screened", k: int = 100,
                  ks: Sequence[int] = (1, 5, 10), map_ks: Sequence[int | None] = (10, 100, None),
-                 chunk_size: int | None = None, **kwargs):
+                 chunk_size: int | None = None, score_candidates: Callable | None = None, **kwargs):
         super().__init__(measure="cosine", ks=ks, map_ks=map_ks, chunk_size=chunk_size, **kwargs)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.scorers = (score_grid, score_pairs)  # a tuple: nothing registered as a submodule
+        self.score_candidates = score_candidates  # the faster re-ranking (evaluate_tokens), when the scorer has one
         self.mode, self.k = mode, k
 
     def update(self, image_feats=None, image_ids=None, image_labels=None, text_feats=None, text_ids=None,
@@ -52,7 +53,8 @@ class TokenRetrievalMetrics(RetrievalMetrics):
         screen_text = _padded_cat(self.text_feats)[txt_keep]
         return evaluate_tokens(img_tokens, img_mask, txt_tokens, txt_mask, caption_image, *self.scorers,
                                image_labels=labels, mode=self.mode, k=self.k, screen_image=screen_image,
-                               screen_text=screen_text, ks=self.ks, map_ks=self.map_ks, chunk_size=self.chunk_size)
+                               screen_text=screen_text, ks=self.ks, map_ks=self.map_ks, chunk_size=self.chunk_size,
+                               score_candidates=self.score_candidates)
 
 
 def _padded_cat(state) -> torch.Tensor:

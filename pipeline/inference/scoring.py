@@ -24,11 +24,13 @@ def split_metrics(run: Run, enc: EncodedSplit, ks=(1, 5, 10), mode: str | None =
     scoring = run.test_scoring
     mode = mode or scoring["mode"]
     k = k or scoring.get("screen_k") or run.cfg.tokens.screen_k
-    grid, pairs = run.module.token_scorer.to(device).functions()
+    scorer = run.module.token_scorer.to(device)
+    grid, pairs = scorer.functions()
 
     def on(x):
         return torch.as_tensor(x).to(device)
 
     return evaluate_tokens(on(enc.image_tokens), on(enc.image_mask), on(enc.text_tokens), on(enc.text_mask),
                            on(enc.caption_image), grid, pairs, image_labels=on(enc.labels), mode=mode, k=k,
-                           screen_image=on(enc.image_gallery), screen_text=on(enc.text_gallery), ks=ks)
+                           screen_image=on(enc.image_gallery), screen_text=on(enc.text_gallery), ks=ks,
+                           score_candidates=scorer.candidates_function())

@@ -37,8 +37,8 @@ def _pairwise_bce(hx, hy, labels, logits_of) -> torch.Tensor:
 
 def pairwise_likelihood(hx: torch.Tensor, hy: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
     """DCMH's -sum(S * Theta - log(1 + e^Theta)), Theta = scale * <h_x, h_y> (DCMH: scale 1/2, on the
-    codes themselves, so that Theta is half the bits' agreement: L - 2 x Hamming distance), as a mean
-    over pairs (softplus, no overflow)."""
+    codes themselves; for ±1 codes <b_x, b_y> = L - 2 d_H, so Theta = (L - 2 d_H) / 2), as a mean over
+    pairs (softplus, no overflow)."""
     return _pairwise_bce(hx, hy, labels, lambda q, g: scale * q @ g.T)
 
 

@@ -3,11 +3,12 @@ against sign keys and the cross-modal ranking loss.
 
 Nested codes: every function here works on a code prefix as on a whole code. The bank holds one
 vector of the full length per item and a prefix's keys are the signs of its rows' first L entries
-(`loss` slices the keys to the width of the codes it is given), so one bank, updated once a step with
-the full codes, serves every prefix: the first L entries of a row move towards the first L entries of
-the mean of both modalities' codes, so each prefix's keys follow that prefix's codes. (A bank of its
-own per prefix would differ only in the weights of old against new where their signs disagree: the
-normalisations are over the whole row, not over the prefix.)"""
+(`loss` slices the keys to the width of the codes it is given, and normalises each modality's prefix
+on its own), so one bank, updated once a step with the full codes, serves every prefix: the first L
+entries of a row move towards the first L entries of the mean of both modalities' codes, so each
+prefix's keys follow that prefix's codes. The update's normalisations are over whole codes and whole
+rows, not over the prefix: a bank of its own per prefix would differ where image and text (or old and
+new) disagree in sign on a bit, in how the two are weighed (docs/methods.md, nested codes)."""
 from __future__ import annotations
 
 import math
@@ -43,6 +44,11 @@ class MemoryBankContrast(nn.Module):
     are constants updated by momentum, the network trains on the continuous codes. UCCH draws K
     negatives per sample; we draw one set of K per step for the whole batch (one matmul instead of
     B*K gathers), seeded by the step so that every rank draws the same set.
+
+    A row's own item is never one of its negatives: where the draw hits it (with K of N items drawn, a
+    row meets its own key with chance 1 - (1 - 1/N)^K: a third of the rows at 4,096 of 10K items) that
+    logit is masked out, as is another row of the same item among the in-batch keys of warm-up. Counted
+    as a negative, the own key would push a code away from the key it is pulled to.
     """
 
     def __init__(self, num_items: int, bits: int, tau: float, momentum: float, num_negatives: int, seed: int = 0):
@@ -60,15 +66,23 @@ class MemoryBankContrast(nn.Module):
         scale = 1.0 / (self.tau * math.sqrt(h.shape[1]))  # k·h/sqrt(L) is the cosine of h and the key
         if warmup:  # in-batch negatives: keys from both modalities' mean, no memory yet
             mean_all, offset = gather_with_grad(((h + F.normalize(partner, dim=1)) / 2).detach())
-            logits = h @ torch.sign(mean_all).T * scale
             target = torch.arange(h.shape[0], device=h.device) + offset
+            own = idx[:, None] == gather_no_grad(idx)[None, :]  # the row's item, its target included
+            own[torch.arange(h.shape[0], device=h.device), target] = False
+            logits = (h @ torch.sign(mean_all).T * scale).masked_fill(own, float("-inf"))
             return F.cross_entropy(logits, target)
-        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
-        neg = torch.randint(len(self.bank), (self.num_negatives,), generator=gen).to(self.bank.device)
+        neg = self.negatives(step)
         pos_logit = (h * torch.sign(self.bank[idx, :length])).sum(1, keepdim=True)
-        neg_logits = h @ torch.sign(self.bank[neg, :length]).T
+        own = neg[None, :] == idx[:, None]  # [B, K]: the draw hit the row's own item
+        neg_logits = (h @ torch.sign(self.bank[neg, :length]).T).masked_fill(own, float("-inf"))
         logits = torch.cat([pos_logit, neg_logits], dim=1) * scale
         return F.cross_entropy(logits, torch.zeros(h.shape[0], dtype=torch.long, device=h.device))
+
+    def negatives(self, step: int) -> torch.Tensor:
+        """The K bank rows drawn at `step` (uniform, with replacement): the same on every rank and for
+        every chunk and prefix of the step."""
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
+        return torch.randint(len(self.bank), (self.num_negatives,), generator=gen).to(self.bank.device)
 
     @torch.no_grad()
     def update(self, hx: torch.Tensor, hy: torch.Tensor, idx: torch.Tensor, warmup: bool) -> None:

@@ -20,6 +20,18 @@ from pipeline.training.module import encode
 SEARCH_TOKEN_ELEMENTS = 1 << 24  # candidate token values gathered at once when re-ranking a search (64 MiB)
 
 
+def without_ends(mask: torch.Tensor) -> torch.Tensor:
+    """The token mask `[B, T]` without each row's first and last real token (a caption's [CLS] and [SEP],
+    CLIP's start and end of text): words, not markers, are compared with regions. Rows of two or fewer
+    tokens keep theirs (a caption never loses every token)."""
+    mask = mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    first = torch.where(mask, positions, mask.shape[1]).min(1, keepdim=True).values
+    last = torch.where(mask, positions, -1).max(1, keepdim=True).values
+    inner = mask & (positions != first) & (positions != last)
+    return torch.where(mask.sum(1, keepdim=True) > 2, inner, mask)
+
+
 class TokenAligner(FineGrainedAligner):
     """FineGrainedAligner's global embeddings and objective (the screen), plus token heads, a token scorer
     and the token objective: loss = token loss + `global_weight` x global loss.
@@ -34,14 +46,18 @@ class TokenAligner(FineGrainedAligner):
                                           getattr(image_encoder, "token_positions", None))
         self.text_token_head = TokenHead(getattr(text_encoder, "token_dim", text_encoder.out_dim), tokens["dim"])
         self.token_scorer = scorer
+        self.drop_text_ends = tokens.get("text_ends", "keep") == "drop"
         scorer.checkpointed = self.accum_steps > 1  # a large batch's token loss in blocks (its memory: docs)
         self.token_logit_scale = nn.Parameter(torch.tensor(math.log(1 / tokens["init_temperature"])))
         self.token_loss, self.token_margin = tokens["loss"], tokens["margin"]
         self.token_max_log_scale, self.global_weight = math.log(tokens["max_logit_scale"]), tokens["global_weight"]
         self.score_grid, score_pairs = scorer.functions()
         k = self.screen_k = tokens["screen_k"]
-        self.val_metrics = TokenRetrievalMetrics(self.score_grid, score_pairs, tokens["val_scoring"], k, ks=self.ks)
-        self.test_metrics = TokenRetrievalMetrics(self.score_grid, score_pairs, tokens["test_scoring"], k, ks=self.ks)
+        rerank = scorer.candidates_function()
+        self.val_metrics = TokenRetrievalMetrics(self.score_grid, score_pairs, tokens["val_scoring"], k, ks=self.ks,
+                                                 score_candidates=rerank)
+        self.test_metrics = TokenRetrievalMetrics(self.score_grid, score_pairs, tokens["test_scoring"], k, ks=self.ks,
+                                                  score_candidates=rerank)
         screened = tokens["test_scoring"] == "screened"
         name = scorer.name
         self.test_scoring = {
@@ -55,7 +71,8 @@ class TokenAligner(FineGrainedAligner):
 
     def encode_texts_with_tokens(self, text: dict):
         enc = self.text_encoder(**text)
-        return self.text_head(enc.vector), self.text_token_head(enc.tokens, enc.mask)
+        mask = without_ends(enc.mask) if self.drop_text_ends else enc.mask
+        return self.text_head(enc.vector), self.text_token_head(enc.tokens, mask)
 
     def gallery_features(self, z: torch.Tensor, tokens: TokenSet | None = None):
         """The global embedding (what screens); given the items' token set too, what a search index stores

@@ -83,6 +83,23 @@ def test_scorer_equals_a_loop_over_pairs(kind, direction, pooling):
 
 
 @pytest.mark.parametrize("kind,direction,pooling", SCORERS)
+def test_candidates_equal_the_loop_without_the_pairs_path(kind, direction, pooling, monkeypatch):
+    """The re-ranking fast path (each query against its K candidates at once) gives the loop's scores in
+    both directions, in chunks of queries too, and never falls back to `pairs` on repeated queries."""
+    gen = torch.Generator().manual_seed(2)
+    images, texts = _token_set(5, 6, gen), _token_set(7, 9, gen)
+    scorer, pair = _make(kind, direction, pooling, block_elements=100)  # several chunks of queries
+    want = _slow(images, texts, pair)
+    monkeypatch.setattr(type(scorer), "pairs", lambda *a, **k: pytest.fail("candidates fell back to pairs"))
+    to_texts = torch.tensor([[0, 3, 6], [1, 1, 2], [6, 5, 4], [0, 2, 4], [3, 4, 5]])  # one row per image
+    assert torch.allclose(scorer.candidates(images, texts, to_texts, True),
+                          want.gather(1, to_texts), atol=1e-9)
+    to_images = torch.tensor([[0, 4], [1, 2], [3, 3], [2, 4], [0, 1], [4, 0], [1, 3]])  # one row per caption
+    assert torch.allclose(scorer.candidates(texts, images, to_images, False),
+                          want.T.gather(1, to_images), atol=1e-9)
+
+
+@pytest.mark.parametrize("kind,direction,pooling", SCORERS)
 def test_padding_never_changes_a_score(kind, direction, pooling):
     gen = torch.Generator().manual_seed(1)
     images, texts = _token_set(4, 5, gen), _token_set(6, 7, gen)
