@@ -33,6 +33,7 @@ class InstanceHashConfig:
     teacher: Optional[str] = None  # a trained fine-grained run folder to distil from; null: no distillation
     distill_weight: float = 1.0  # KL of the teacher's in-batch similarity softmax to the codes'
     teacher_scale: float = 20.0  # logit = teacher_scale * the teacher's cosine
+    joint_weight: float = 0.0  # > 0: a model.embed_dim embedding trained beside the codes teaches them (no teacher run)
 
 
 @dataclass
@@ -78,7 +79,8 @@ def hash_checks(h, bits: int) -> list[tuple[bool, str, str]]:
         (s.quant_weight >= 0 and s.balance_weight >= 0, "hash.supervised.quant_weight/balance_weight",
          "must be >= 0"),
         (i.scale > 0 and i.teacher_scale > 0, "hash.instance.scale/teacher_scale", "must be positive"),
-        (i.quant_weight >= 0 and i.distill_weight >= 0, "hash.instance.quant_weight/distill_weight", "must be >= 0"),
+        (i.quant_weight >= 0 and i.distill_weight >= 0 and i.joint_weight >= 0,
+         "hash.instance.quant_weight/distill_weight/joint_weight", "must be >= 0"),
         (not i.teacher or h.objective == "instance", "hash.instance.teacher",
          f"is set, but hash.objective is {h.objective!r}: only the instance objective distils from a teacher"),
     ]

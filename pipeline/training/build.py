@@ -90,6 +90,8 @@ def _build_module(cfg, num_train_items: int, vocab_size: int, pad_token_id: int,
         return SupervisedHasher(*codes, s.scale, s.quant_weight, s.balance_weight, **shared)
     if h.objective == "instance":
         i = h.instance
-        return InstanceHasher(*codes, i.scale, i.quant_weight, i.distill_weight, i.teacher_scale, **shared)
+        return InstanceHasher(*codes, i.scale, i.quant_weight, i.distill_weight, i.teacher_scale, **shared,
+                              joint_weight=i.joint_weight, embed_dim=cfg.model.embed_dim,
+                              init_temperature=cfg.align.init_temperature, max_logit_scale=cfg.align.max_logit_scale)
     return CrossModalHasher(*codes, num_train_items, h.alpha, h.tau, h.momentum, h.num_negatives, h.margin,
                             h.shift, h.warmup_epochs, h.label_weight, h.label_scale, cfg.run.seed, **shared)

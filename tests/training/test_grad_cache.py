@@ -29,6 +29,7 @@ FAMILIES = {  # name -> (config, overrides): every objective the training step c
     "ucch_bank": ("hash_64bit.yaml", ["hash.warmup_epochs=0"]),
     "supervised": ("hash_supervised_64bit.yaml", []),
     "instance": ("hash_instance_64bit.yaml", ["hash.binary_weight=0.5"]),
+    "instance_joint": ("hash_instance_64bit.yaml", ["hash.binary_weight=0.5", "hash.instance.joint_weight=0.5"]),
     "nested": ("hash_nested.yaml", []),
 }
 
