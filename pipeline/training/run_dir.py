@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 from data_prep import tmp_sibling
-from pipeline.config import ConfigError, flat, to_dict
+from pipeline.config import Config, ConfigError, flat, to_dict
 from pipeline.training.build import module_class
 from pipeline.training.provenance import card_hash
 from pipeline.training.provenance import read as read_provenance
@@ -82,6 +83,11 @@ def resume_checkpoint(run_dir: Path) -> str | None:
     return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
 
 
+def schema_defaults() -> dict:
+    """Every config key's default, dotted."""
+    return flat(to_dict(OmegaConf.structured(Config)))
+
+
 # Keys that do not change what a run learns: a resume may change them freely (where the data or the
 # run folder now live, how fast data loads, how the run is logged and checkpointed, whether activations
 # are recomputed or the encoders compiled).
@@ -93,8 +99,10 @@ MAY_CHANGE_ON_RESUME = ("data.root", "data.shapes_dir", "data.num_workers", "dat
 
 
 def config_changes(saved: dict, new: dict, allowed=()) -> dict[str, tuple]:
-    """{key: (saved value, new value)} for every key that changes the result, except `allowed` ones."""
-    old, cur = flat(saved), flat(new)
+    """{key: (saved value, new value)} for every key that changes the result, except `allowed` ones. A key
+    the saved config lacks (added to the schema since the run started) had its default's effect then: it
+    counts as changed only when the new value differs from that default."""
+    old, cur = {**schema_defaults(), **flat(saved)}, flat(new)
     free = MAY_CHANGE_ON_RESUME + tuple(allowed)
     return {k: (old.get(k), cur.get(k)) for k in sorted(set(old) | set(cur))
             if old.get(k) != cur.get(k) and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)}

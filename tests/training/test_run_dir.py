@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline.data import DatasetCard
@@ -131,3 +132,15 @@ def test_monitor_is_decided_from_the_card_before_training(shapes_tiny, tmp_path)
         choose_monitor(load_config("hash_64bit.yaml", ["run.monitor=val/t2i_mAP@N"]), test_only, HASH_NAMES)
     with pytest.raises(ConfigError, match="does not log"):
         choose_monitor(load_config("fine_grained.yaml", ["run.monitor=val/i2t_R@50"]), test_only, metric_names())
+
+
+def test_a_key_added_to_the_schema_since_the_run_started_blocks_a_resume_only_when_set_off_its_default(tmp_path):
+    """A run saved before `tokens.text_ends` existed (its config.yaml lacks the key) trained as its default
+    does: resuming with the default is no change, with another value it is one."""
+    run_dir = _unfinished_run(tmp_path)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["tokens"]["text_ends"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert check_resume(run_dir, load_config("hash_64bit.yaml", [f"run.root={tmp_path}/runs"])) == {}
+    with pytest.raises(ConfigError, match="tokens.text_ends: 'keep' -> 'drop'"):
+        check_resume(run_dir, load_config("hash_64bit.yaml", [f"run.root={tmp_path}/runs", "tokens.text_ends=drop"]))
