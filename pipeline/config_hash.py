@@ -28,8 +28,8 @@ class SupervisedHashConfig:
 class InstanceHashConfig:
     """Instance-level hashing (hash.objective=instance): InfoNCE on the codes' cosines."""
 
-    scale: float = 12.0  # logit = scale * cosine of the relaxed codes (a temperature on Hamming distances)
-    quant_weight: float = 0.1  # (|h| - 1)^2 towards the signs
+    scale: float = 24.0  # logit = scale * cosine of the relaxed codes (a temperature on Hamming distances)
+    quant_weight: float = 0.0  # (|h| - 1)^2 towards the signs; > 0 saturates tanh and slowed learning (benchmarks.md)
     teacher: Optional[str] = None  # a trained fine-grained run folder to distil from; null: no distillation
     distill_weight: float = 1.0  # KL of the teacher's in-batch similarity softmax to the codes'
     teacher_scale: float = 20.0  # logit = teacher_scale * the teacher's cosine

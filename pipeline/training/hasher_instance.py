@@ -28,7 +28,7 @@ class InstanceHasher(Hasher):
     training_only_state = ("image_embedding.", "text_embedding.", "embedding_logit_scale")
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optim: dict, bits: int, head_hidden: int,
-                 scale: float = 12.0, quant_weight: float = 0.1, distill_weight: float = 1.0,
+                 scale: float = 24.0, quant_weight: float = 0.0, distill_weight: float = 1.0,
                  teacher_scale: float = 20.0, prefixes: Sequence[int] = (), binary_weight: float = 0.0,
                  binarise_over: float = 0.0, joint_weight: float = 0.0, embed_dim: int = 256,
                  init_temperature: float = 0.07, max_logit_scale: float = 100.0):
