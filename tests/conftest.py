@@ -99,9 +99,9 @@ def tiny_baselines(tmp_path_factory, shapes_tiny, shapes_backbone, tiny_runs) ->
 
 @pytest.fixture(scope="session")
 def tiny_token_runs(tmp_path_factory, shapes_tiny, shapes_backbone) -> dict:
-    """Both token-level configs trained tiny (8 epochs of 8 steps; config name -> run directory): what the
+    """Both token-level configs trained tiny (12 epochs of 8 steps; config name -> run directory): what the
     token tests of training, the report and the hybrid tool use."""
-    args = [*tiny_run_args(shapes_backbone), "trainer.max_epochs=8", "tokens.dim=32", "tokens.screen_k=16"]
+    args = [*tiny_run_args(shapes_backbone), "trainer.max_epochs=12", "tokens.dim=32", "tokens.screen_k=16"]
     return train_together({c: ["--config", f"{c}.yaml", f"data.root={shapes_tiny}", *args]
                            for c in ("fine_grained_tokens", "fine_grained_scan")},
                           tmp_path_factory.mktemp("tiny_token_runs"))
